@@ -1,0 +1,409 @@
+"""YAML configuration → one frozen, typed :class:`Config`.
+
+The config is parsed once, at the edge (``load_config``), and each part of the agent is
+handed only its own slice. Every problem is collected before anything is reported, so
+``check-config`` can print all of them at once, each with the dotted key path of the
+offending value (``datastores[0].path: /srv/x does not exist``).
+
+Validation is pydantic in strict mode: no silent coercion (``"30"`` is not ``30``),
+unknown keys are errors at every level. Rules that need the file system or the network
+policy (datastore paths, token file permissions, ``ws://`` and the health listener's
+address) run as validators too, so they are reported together with type errors.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/cloudbender-agent/config.yaml")
+CONFIG_ENV = "CLOUDBENDER_AGENT_CONFIG"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+# Paths come from YAML as strings; strict mode would refuse them, so paths alone coerce.
+FsPath = Annotated[Path, Field(strict=False)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+def _problem(kind: str, message: str, **ctx: Any) -> PydanticCustomError:
+    return PydanticCustomError(kind, message, ctx)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and any loopback IPv4/IPv6 literal; never resolves DNS."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def split_host_port(listen: str) -> tuple[str, int]:
+    """Split ``host:port`` or ``[v6]:port``. Raises ``ValueError`` with a reason."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8787")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("an IPv6 address must be written in brackets, e.g. [::1]:8787")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"port {port_text!r} is not a number from 1 to 65535")
+    return host, int(port_text)
+
+
+class NodeConfig(_Section):
+    id: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class ReconnectConfig(_Section):
+    initial_s: PositiveFloat = 1.0
+    max_s: PositiveFloat = 60.0
+
+    @field_validator("max_s")
+    @classmethod
+    def _max_not_below_initial(cls, value: float, info: ValidationInfo) -> float:
+        initial = info.data.get("initial_s")
+        if initial is not None and value < initial:
+            raise _problem(
+                "backoff_order", "must be at least initial_s ({initial})", initial=initial
+            )
+        return value
+
+
+def _require_private_file(path: Path, what: str) -> Path:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise _problem("file_missing", "{path} does not exist", path=str(path)) from None
+    except OSError as exc:
+        raise _problem(
+            "file_unreadable", "{path} cannot be read: {why}", path=str(path), why=exc.strerror
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _problem("not_a_file", "{path} is not a regular file", path=str(path))
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise _problem(
+            "file_too_open",
+            "{path} is accessible by group or others (mode {mode}); the {what} must be "
+            "readable by its owner only: chmod 600 {path}",
+            path=str(path),
+            mode=f"{mode:04o}",
+            what=what,
+        )
+    return path
+
+
+class ControlPlaneConfig(_Section):
+    # Declared before ``url`` so that the url validator can see it.
+    allow_insecure: bool = False
+    url: str
+    token_file: FsPath = Path("/etc/cloudbender-agent/token")
+    ca_file: FsPath | None = None
+    client_cert: FsPath | None = None
+    client_key: FsPath | None = None
+    reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str, info: ValidationInfo) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("ws", "wss"):
+            raise _problem("url_scheme", "must start with wss:// (or ws:// for loopback)")
+        if not parts.hostname:
+            raise _problem("url_host", "has no host")
+        if (
+            parts.scheme == "ws"
+            and not is_loopback_host(parts.hostname)
+            and not info.data.get("allow_insecure", False)
+        ):
+            raise _problem(
+                "insecure_url",
+                "ws:// to {host} sends the token unencrypted; use wss:// or set "
+                "control_plane.allow_insecure: true",
+                host=parts.hostname,
+            )
+        return value
+
+    @field_validator("token_file")
+    @classmethod
+    def _check_token_file(cls, value: Path) -> Path:
+        return _require_private_file(value, "token file")
+
+    @field_validator("client_key")
+    @classmethod
+    def _check_client_key(cls, value: Path | None) -> Path | None:
+        return None if value is None else _require_private_file(value, "client key")
+
+    @field_validator("ca_file", "client_cert")
+    @classmethod
+    def _check_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise _problem("file_missing", "{path} does not exist", path=str(value))
+        return value
+
+
+class RuntimeConfig(_Section):
+    engine: Literal["docker"] = "docker"
+    docker_host: str = "unix:///var/run/docker.sock"
+    allowed_images: tuple[str, ...] = ()
+    require_digest: bool = False
+    pull: bool = True
+    job_user: str = Field(default="65534:65534", pattern=r"^[0-9]+:[0-9]+$")
+    stop_grace_s: PositiveInt = 30
+
+    @field_validator("allowed_images", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, value: object) -> object:
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("job_user")
+    @classmethod
+    def _not_root(cls, value: str) -> str:
+        if value.split(":")[0] == "0":
+            raise _problem("job_user_root", "job containers must not run as root (uid 0)")
+        return value
+
+
+class GpusConfig(_Section):
+    allow: Literal["all"] | tuple[int | str, ...] = "all"
+
+    @field_validator("allow", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, value: object) -> object:
+        return tuple(value) if isinstance(value, list) else value
+
+
+class DatastoreConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    path: FsPath
+    description: str = ""
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise _problem("path_relative", "{path} is not an absolute path", path=str(value))
+        if not value.exists():
+            raise _problem("path_missing", "{path} does not exist", path=str(value))
+        if not value.is_dir():
+            raise _problem("path_not_dir", "{path} is not a directory", path=str(value))
+        return value
+
+
+class LimitsConfig(_Section):
+    max_concurrent_jobs: PositiveInt = 2
+    max_timeout_s: PositiveInt = 86400
+    max_cpus: PositiveFloat = 16
+    max_memory_mib: PositiveInt = 65536
+    pids: PositiveInt = 1024
+    tmp_mib: PositiveInt = 1024
+
+
+class ResultsConfig(_Section):
+    max_bytes: PositiveInt = 1024**3
+    max_files: PositiveInt = 10000
+    retention_h: PositiveFloat = 24
+
+
+class ModelsConfig(_Section):
+    cache_max_mib: PositiveInt = 51200
+
+
+class HealthConfig(_Section):
+    # Declared before ``listen`` so that the listen validator can see it.
+    allow_remote: bool = False
+    listen: str = "127.0.0.1:8787"
+    max_disconnected_s: PositiveFloat = 600
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str, info: ValidationInfo) -> str:
+        try:
+            host, _ = split_host_port(value)
+        except ValueError as exc:
+            raise _problem("listen_format", "{why}", why=str(exc)) from None
+        if not is_loopback_host(host) and not info.data.get("allow_remote", False):
+            raise _problem(
+                "listen_remote",
+                "{host} is not a loopback address; the health server is for this machine "
+                "only unless health.allow_remote: true",
+                host=host,
+            )
+        return value
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return split_host_port(self.listen)
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class Config(_Section):
+    """The whole agent configuration. Frozen: reloads build a new one."""
+
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    control_plane: ControlPlaneConfig | None = None
+    state_dir: FsPath = Path("/var/lib/cloudbender-agent")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    gpus: GpusConfig = Field(default_factory=GpusConfig)
+    datastores: tuple[DatastoreConfig, ...] = ()
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    results: ResultsConfig = Field(default_factory=ResultsConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @field_validator("datastores", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, value: object) -> object:
+        return tuple(value) if isinstance(value, list) else value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses duplicate keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node)
+        if key in mapping:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        mapping[key] = loader.construct_object(value_node)
+    return mapping
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
+
+
+def format_location(loc: tuple[int | str, ...]) -> str:
+    """``("datastores", 0, "path")`` → ``"datastores[0].path"``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = tuple(p for p in error["loc"] if not str(p).startswith("function-"))
+    # Strict unions report each alternative; the key is what a person needs.
+    loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith(("literal[", "tuple["))))
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{format_location(loc)}: unknown key"
+    if kind == "missing":
+        return f"{format_location(loc)}: required key is missing"
+    message = str(error["msg"])
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    value = error.get("input")
+    if kind.endswith("_type") and not isinstance(value, dict | list):
+        message += f" (got {type(value).__name__} {value!r})"
+    return f"{format_location(loc)}: {message}"
+
+
+def _duplicate_datastores(data: Mapping[str, Any]) -> list[str]:
+    # Checked on the raw list, apart from pydantic, so that a duplicate name is reported
+    # even when an entry also has a problem of its own.
+    stores = data.get("datastores")
+    if not isinstance(stores, list):
+        return []
+    first: dict[str, int] = {}
+    problems = []
+    for i, entry in enumerate(stores):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str):
+            continue
+        if name in first:
+            problems.append(
+                f"datastores[{i}].name: {name!r} is already used by datastores[{first[name]}]"
+            )
+        else:
+            first[name] = i
+    return problems
+
+
+def parse_config(data: object) -> Config:
+    """Validate already-parsed YAML. Raises :class:`ConfigError` listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"(top level): must be a mapping of keys, not {type(data).__name__}"])
+    problems: list[str] = []
+    config: Config | None = None
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            line = _describe(error)
+            if line not in problems:
+                problems.append(line)
+    problems += _duplicate_datastores(data)
+    if problems or config is None:
+        raise ConfigError(problems)
+    return config
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Read and validate the YAML file at ``path`` (default: env var, then /etc).
+
+    Raises :class:`ConfigError` with every problem found; never returns a partial config.
+    """
+    path = path or default_config_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: config file does not exist"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot be read: {exc}"]) from exc
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from exc
+    return parse_config(data)

@@ -1,0 +1,1 @@
+"""Shared test helpers: valid configs on disk, free ports, the one time constant."""
