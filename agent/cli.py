@@ -1,0 +1,147 @@
+"""``cloudbender-agent`` commands. The only module that turns errors into exit codes.
+
+Exit codes: 0 success; 1 failure (the daemon stopped on an error, the node is
+unhealthy for ``status``); 3 no daemon answers (as LSB's "program is not running");
+78 the configuration is invalid (EX_CONFIG: systemd's RestartPreventExitStatus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent import __version__
+from agent.config import Config, default_config_path, load_config
+from agent.errors import ConfigError, DaemonUnreachable
+
+EX_OK, EX_FAIL, EX_NOT_RUNNING, EX_CONFIG = 0, 1, 3, 78
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cloudbender-agent",
+        description="Node agent for federated inference: runs a provider's model container "
+        "next to this site's data and sends back only the result files.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            help="config file (default: $CLOUDBENDER_AGENT_CONFIG or "
+            "/etc/cloudbender-agent/config.yaml)",
+        )
+        return p
+
+    with_config(sub.add_parser("run", help="run the daemon in the foreground (systemd runs this)"))
+    with_config(
+        sub.add_parser("check-config", help="validate the config; exit 78 listing every problem")
+    )
+    gpus = with_config(sub.add_parser("gpus", help="this machine's GPUs as NVML reports them"))
+    gpus.add_argument("--json", action="store_true", help="machine-readable output")
+    status = with_config(sub.add_parser("status", help="ask the running daemon how the node is"))
+    status.add_argument("--json", action="store_true", help="the daemon's /status document")
+    status.add_argument(
+        "--address", metavar="HOST:PORT", help="health server address (default: health.listen)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args.config)
+        if args.command == "check-config":
+            return _check_config(args.config)
+        if args.command == "gpus":
+            return _gpus(args.config, as_json=args.json)
+        if args.command == "status":
+            return _status(args.config, args.address, as_json=args.json)
+    except ConfigError as exc:
+        _print_config_problems(args.config, exc)
+        return EX_CONFIG
+    except DaemonUnreachable as exc:
+        print(f"cloudbender-agent: {exc}", file=sys.stderr)
+        return EX_NOT_RUNNING
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")  # argparse guarantees one
+
+
+def _print_config_problems(path: Path | None, exc: ConfigError) -> None:
+    where = path or default_config_path()
+    count = len(exc.problems)
+    print(
+        f"{where}: {count} problem{'s' if count != 1 else ''} in the configuration:",
+        file=sys.stderr,
+    )
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+def _run(path: Path | None) -> int:
+    config = load_config(path)
+    from agent.daemon import serve
+    from agent.gpu.nvml import NvmlBackend
+
+    return serve(config, gpu=NvmlBackend(), config_path=path or default_config_path())
+
+
+def _check_config(path: Path | None) -> int:
+    config = load_config(path)
+    where = path or default_config_path()
+    cp = "not configured" if config.control_plane is None else config.control_plane.url
+    print(
+        f"{where}: OK (node {config.node.id}, control plane {cp}, "
+        f"{len(config.datastores)} datastore(s))"
+    )
+    return EX_OK
+
+
+def _optional_config(path: Path | None) -> Config | None:
+    # Read-only commands still work without a valid config: they fall back to defaults,
+    # and say so, rather than refusing to show a person their own machine.
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        where = path or default_config_path()
+        print(f"note: {where} not used ({exc.problems[0]}); using defaults", file=sys.stderr)
+        return None
+
+
+def _gpus(path: Path | None, *, as_json: bool) -> int:
+    from agent.gpu.base import mark_allocatable
+    from agent.gpu.nvml import NvmlBackend
+    from agent.gpu.report import inventory_json, render_table
+
+    config = _optional_config(path)
+    backend = NvmlBackend()
+    try:
+        inventory = backend.snapshot()
+    finally:
+        backend.close()
+    inventory = mark_allocatable(inventory, config.gpus.allow if config else "all")
+    print(inventory_json(inventory) if as_json else render_table(inventory))
+    return EX_OK
+
+
+def _status(path: Path | None, address: str | None, *, as_json: bool) -> int:
+    from agent.statuscmd import fetch_status, render_status
+
+    if address is None:
+        config = _optional_config(path)
+        address = config.health.listen if config else "127.0.0.1:8787"
+    document = fetch_status(address)
+    print(json.dumps(document, indent=2, sort_keys=True) if as_json else render_status(document))
+    return EX_OK if document.get("healthy") else EX_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The facts the agent's health is derived from, and the one predicate over them.
+
+The daemon's event loop writes facts; the health server's thread reads them. Writers
+replace whole immutable values (a sample, a timestamp) rather than mutating shared
+structures, so a reader always sees a consistent value without taking the loop's time.
+
+:func:`assess` is the single health predicate: ``/healthz`` answers 503 when it returns
+any problem, and the systemd watchdog is fed only while it returns no problem that a
+restart of the agent could cure (a hung loop, an unwritable state directory). A lost
+GPU or an unreachable control plane makes the node unhealthy, but restarting the agent
+would not bring them back, so they do not starve the watchdog.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from agent.gpu.base import GpuInventory
+
+# The loop ticks every LOOP_TICK_S; a loop silent for LOOP_STALL_S is considered hung.
+LOOP_TICK_S = 1.0
+LOOP_STALL_S = 10.0
+
+
+@dataclass(frozen=True)
+class HostSample:
+    cpu_logical: int
+    cpu_model: str | None
+    cpu_pct: float | None
+    memory_total_mib: int
+    memory_used_mib: int
+    state_dir_free_mib: int | None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "cpu": {"logical": self.cpu_logical, "model": self.cpu_model},
+            "cpu_pct": self.cpu_pct,
+            "memory_total_mib": self.memory_total_mib,
+            "memory_used_mib": self.memory_used_mib,
+            "state_dir_free_mib": self.state_dir_free_mib,
+        }
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason the node is unhealthy, in words a person can act on."""
+
+    code: str
+    detail: str
+    # True when restarting the agent could cure it; only these starve the watchdog.
+    restart_helps: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        return {"code": self.code, "detail": self.detail}
+
+
+@dataclass
+class ControlPlaneFacts:
+    configured: bool
+    state: str  # "not configured", "disconnected", later "connecting", "connected"
+    since: float = field(default_factory=time.time)
+    last_contact: float | None = None
+    last_error: str | None = None
+
+
+@dataclass
+class NodeFacts:
+    """Mutable holder of the latest facts; each attribute is replaced whole."""
+
+    started_at: float = field(default_factory=time.time)
+    loop_tick: float = field(default_factory=time.monotonic)
+    gpus: GpuInventory | None = None
+    host: HostSample | None = None
+    # Set by the state-directory check; None while the directory is writable.
+    state_dir_problem: Problem | None = None
+    control_plane: ControlPlaneFacts = field(
+        default_factory=lambda: ControlPlaneFacts(configured=False, state="not configured")
+    )
+
+
+def assess(
+    facts: NodeFacts,
+    *,
+    max_disconnected_s: float,
+    now: float | None = None,
+    monotonic_now: float | None = None,
+) -> list[Problem]:
+    """Every reason the node is unhealthy now; an empty list means healthy. Pure."""
+    now = time.time() if now is None else now
+    monotonic_now = time.monotonic() if monotonic_now is None else monotonic_now
+    problems: list[Problem] = []
+    stalled = monotonic_now - facts.loop_tick
+    if stalled > LOOP_STALL_S:
+        problems.append(
+            Problem("event_loop_stalled", f"event loop unresponsive for {stalled:.0f} s", True)
+        )
+    if facts.state_dir_problem is not None:
+        problems.append(facts.state_dir_problem)
+    if facts.gpus is not None:
+        for gpu in facts.gpus.gpus:
+            if gpu.health != "ok":
+                why = "; ".join(gpu.health_reasons) or gpu.health
+                problems.append(
+                    Problem(f"gpu_{gpu.health}", f"GPU {gpu.index} ({gpu.uuid}): {why}")
+                )
+    cp = facts.control_plane
+    if cp.configured and cp.state != "connected":
+        last = cp.last_contact if cp.last_contact is not None else facts.started_at
+        silent = now - last
+        if silent > max_disconnected_s:
+            detail = f"no contact with the control plane for {silent:.0f} s"
+            if cp.last_error:
+                detail += f" ({cp.last_error})"
+            problems.append(Problem("control_plane_unreachable", detail))
+    return problems
+
+
+def watchdog_ok(problems: list[Problem]) -> bool:
+    """Whether systemd's watchdog may be fed: no problem a restart would cure."""
+    return not any(p.restart_helps for p in problems)

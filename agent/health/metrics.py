@@ -1,0 +1,151 @@
+"""Prometheus metrics, rendered at scrape time from the latest facts.
+
+A custom collector rather than long-lived gauges: a GPU that disappears stops being
+exported instead of lingering with its last value, and a value the hardware cannot
+report (``None``) is left out rather than exported as a made-up number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agent.health.facts import NodeFacts, Problem
+
+MIB = 1024 * 1024
+GPU_LABELS = ["index", "uuid", "name"]
+HEALTH_STATES = ("ok", "degraded", "lost")
+
+
+class AgentCollector(Collector):
+    def __init__(
+        self,
+        facts: NodeFacts,
+        *,
+        node_id: str,
+        version: str,
+        assess: Callable[[], list[Problem]],
+    ) -> None:
+        self._facts = facts
+        self._node_id = node_id
+        self._version = version
+        self._assess = assess
+
+    def collect(self) -> Iterator[Metric]:
+        facts = self._facts
+        info = InfoMetricFamily("cloudbender_agent", "Agent build and node identity.")
+        info.add_metric([], {"version": self._version, "node_id": self._node_id})
+        yield info
+        yield GaugeMetricFamily("cloudbender_agent_up", "1 while the agent runs.", value=1)
+        yield GaugeMetricFamily(
+            "cloudbender_agent_start_time_seconds",
+            "Unix time the agent started.",
+            value=facts.started_at,
+        )
+        yield GaugeMetricFamily(
+            "cloudbender_agent_healthy",
+            "1 when /healthz answers 200, else 0.",
+            value=0 if self._assess() else 1,
+        )
+        cp = GaugeMetricFamily(
+            "cloudbender_control_plane_state",
+            "Control-plane connection state (1 for the current one).",
+            labels=["state"],
+        )
+        cp.add_metric([facts.control_plane.state], 1)
+        yield cp
+        yield from self._gpu_metrics()
+        yield from self._host_metrics()
+
+    def _gpu_metrics(self) -> Iterator[Metric]:
+        inventory = self._facts.gpus
+        gpus = inventory.gpus if inventory is not None else ()
+        yield GaugeMetricFamily(
+            "cloudbender_gpus", "GPUs NVML reports on this node.", value=len(gpus)
+        )
+        families = {
+            "util": GaugeMetricFamily(
+                "cloudbender_gpu_utilization_percent", "GPU utilisation.", labels=GPU_LABELS
+            ),
+            "mem_used": GaugeMetricFamily(
+                "cloudbender_gpu_memory_used_bytes", "GPU memory in use.", labels=GPU_LABELS
+            ),
+            "mem_total": GaugeMetricFamily(
+                "cloudbender_gpu_memory_total_bytes", "GPU memory in total.", labels=GPU_LABELS
+            ),
+            "temp": GaugeMetricFamily(
+                "cloudbender_gpu_temperature_celsius", "GPU temperature.", labels=GPU_LABELS
+            ),
+            "power": GaugeMetricFamily(
+                "cloudbender_gpu_power_watts", "GPU power draw.", labels=GPU_LABELS
+            ),
+            "ecc": GaugeMetricFamily(
+                "cloudbender_gpu_ecc_volatile_uncorrected_errors",
+                "Uncorrected ECC errors since the driver loaded.",
+                labels=GPU_LABELS,
+            ),
+            "alloc": GaugeMetricFamily(
+                "cloudbender_gpu_allocatable",
+                "1 when the GPU may be leased to jobs.",
+                labels=GPU_LABELS,
+            ),
+        }
+        health = GaugeMetricFamily(
+            "cloudbender_gpu_health",
+            "GPU health verdict (1 for the current state).",
+            labels=[*GPU_LABELS, "state"],
+        )
+        for gpu in gpus:
+            labels = [str(gpu.index), gpu.uuid or "", gpu.name or ""]
+            values: dict[str, float | None] = {
+                "util": gpu.utilization_pct,
+                "mem_used": None if gpu.memory_used_mib is None else gpu.memory_used_mib * MIB,
+                "mem_total": None if gpu.memory_total_mib is None else gpu.memory_total_mib * MIB,
+                "temp": gpu.temperature_c,
+                "power": gpu.power_w,
+                "ecc": gpu.ecc_volatile_uncorrected,
+                "alloc": 1 if gpu.allocatable else 0,
+            }
+            for key, value in values.items():
+                if value is not None:
+                    families[key].add_metric(labels, value)
+            for state in HEALTH_STATES:
+                health.add_metric([*labels, state], 1 if gpu.health == state else 0)
+        yield from families.values()
+        yield health
+
+    def _host_metrics(self) -> Iterator[Metric]:
+        host = self._facts.host
+        if host is None:
+            return
+        if host.cpu_pct is not None:
+            yield GaugeMetricFamily(
+                "cloudbender_host_cpu_percent", "Host CPU utilisation.", value=host.cpu_pct
+            )
+        yield GaugeMetricFamily(
+            "cloudbender_host_memory_total_bytes", "Host memory.", value=host.memory_total_mib * MIB
+        )
+        yield GaugeMetricFamily(
+            "cloudbender_host_memory_used_bytes",
+            "Host memory in use.",
+            value=host.memory_used_mib * MIB,
+        )
+        if host.state_dir_free_mib is not None:
+            yield GaugeMetricFamily(
+                "cloudbender_state_dir_free_bytes",
+                "Free space in the agent's state directory.",
+                value=host.state_dir_free_mib * MIB,
+            )
+
+
+def build_registry(collector: AgentCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

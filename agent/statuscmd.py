@@ -1,0 +1,121 @@
+"""``cloudbender-agent status``: fetch the daemon's ``/status`` and show it to a person."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from agent.config import split_host_port
+from agent.errors import DaemonUnreachable
+
+TIMEOUT_S = 5.0
+
+
+def fetch_status(address: str) -> dict[str, Any]:
+    """GET ``/status`` from the health server at ``HOST:PORT``.
+
+    Raises :class:`DaemonUnreachable` naming the address and the cause when nothing
+    answers, or when what answers is not the agent.
+    """
+    try:
+        host, port = split_host_port(address)
+    except ValueError as exc:
+        raise DaemonUnreachable(f"health address {address!r}: {exc}") from exc
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    url = f"http://{netloc}/status"
+    hint = "is the agent running? (systemctl status cloudbender-agent)"
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        raise DaemonUnreachable(f"{url} answered HTTP {exc.code}; {hint}") from exc
+    except urllib.error.URLError as exc:
+        reason = getattr(exc.reason, "strerror", None) or str(exc.reason)
+        raise DaemonUnreachable(f"no daemon answers on {netloc} ({reason}); {hint}") from exc
+    except TimeoutError as exc:
+        raise DaemonUnreachable(f"no answer from {netloc} within {TIMEOUT_S:.0f} s") from exc
+    try:
+        document = json.loads(body)
+    except ValueError as exc:
+        raise DaemonUnreachable(f"{url} did not answer with the agent's JSON status") from exc
+    if not isinstance(document, dict) or "node_id" not in document:
+        raise DaemonUnreachable(f"{url} did not answer with the agent's status")
+    return document
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
+
+
+def _ago(ts: float | None) -> str:
+    return "never" if ts is None else f"{_duration(time.time() - ts)} ago"
+
+
+def _dash(value: object, unit: str = "") -> str:
+    return "—" if value is None else f"{value}{unit}"
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    """A screenful for a person; every fact of the JSON document, none invented."""
+    verdict = "healthy" if doc.get("healthy") else "UNHEALTHY"
+    lines = [
+        f"cloudbender-agent {doc.get('agent_version')} on node {doc.get('node_id')}: "
+        f"{verdict} (up {_duration(float(doc.get('uptime_s') or 0))})"
+    ]
+    for problem in doc.get("problems") or []:
+        lines.append(f"  ! {problem.get('detail')}")
+    cp = doc.get("control_plane") or {}
+    cp_line = str(cp.get("state"))
+    if cp.get("url"):
+        cp_line += f"  {cp['url']}  (last contact {_ago(cp.get('last_contact'))})"
+    if cp.get("last_error"):
+        cp_line += f"  last error: {cp['last_error']}"
+    lines.append(f"{'Control plane':<14} {cp_line}")
+    lines.extend(_gpu_lines(doc.get("gpus") or {}))
+    host = doc.get("host") or {}
+    if host:
+        cpu = host.get("cpu") or {}
+        lines.append(
+            f"{'Host':<14} {cpu.get('logical')} CPUs ({cpu.get('model') or 'unknown model'}), "
+            f"CPU {_dash(host.get('cpu_pct'), '%')}, memory "
+            f"{host.get('memory_used_mib')}/{host.get('memory_total_mib')} MiB, "
+            f"state dir free {_dash(host.get('state_dir_free_mib'), ' MiB')}"
+        )
+    stores = doc.get("datastores") or []
+    if not stores:
+        lines.append(f"{'Datastores':<14} none configured")
+    for i, store in enumerate(stores):
+        label = "Datastores" if i == 0 else ""
+        desc = f"  {store['description']}" if store.get("description") else ""
+        lines.append(f"{label:<14} {store.get('name')}{desc}")
+    jobs = doc.get("jobs") or []
+    lines.append(f"{'Jobs':<14} {len(jobs) or 'none'}")
+    return "\n".join(lines)
+
+
+def _gpu_lines(gpus: dict[str, Any]) -> list[str]:
+    devices = gpus.get("gpus") or []
+    if not devices:
+        return [f"{'GPUs':<14} none ({gpus.get('reason') or 'NVML reports no devices'})"]
+    lines = []
+    for i, gpu in enumerate(devices):
+        label = "GPUs" if i == 0 else ""
+        lines.append(
+            f"{label:<14} {gpu.get('index')}  {gpu.get('name') or '—'}  {gpu.get('health')}"
+            f"{'' if gpu.get('allocatable') else ' (not offered to jobs)'}  "
+            f"util {_dash(gpu.get('utilization_pct'), '%')}  "
+            f"mem {_dash(gpu.get('memory_used_mib'))}/{_dash(gpu.get('memory_total_mib'))} MiB  "
+            f"{_dash(gpu.get('temperature_c'), '°C')}  {_dash(gpu.get('power_w'), ' W')}"
+        )
+    return lines

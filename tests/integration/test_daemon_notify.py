@@ -1,0 +1,89 @@
+"""The daemon speaks sd_notify to a real unix datagram NOTIFY_SOCKET, as systemd would see it."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.env import seconds, valid_config, write_config
+from tests.helpers.proc import running_agent
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(0.2)
+    yield sock
+    sock.close()
+
+
+def _receive_until(sock: socket.socket, wanted: str, timeout: float) -> list[str]:
+    """Every message received until one contains the line ``wanted``."""
+    messages: list[str] = []
+    deadline = time.monotonic() + seconds(timeout)
+    while time.monotonic() < deadline:
+        try:
+            message = sock.recv(4096).decode()
+        except TimeoutError:
+            continue
+        messages.append(message)
+        if wanted in message.splitlines():
+            return messages
+    raise AssertionError(f"{wanted} never arrived; got {messages}")
+
+
+def test_ready_watchdog_stopping(tmp_path: Path, notify_socket: socket.socket) -> None:
+    config = valid_config(tmp_path, control_plane=False)
+    port = int(config["health"]["listen"].rsplit(":", 1)[1])
+    path = write_config(tmp_path, config)
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000"}
+    with running_agent(path, port, tmp_path, env=env, wait=False) as agent:
+        before = _receive_until(notify_socket, "READY=1", timeout=20)
+        # READY=1 means the health server answers, at once.
+        assert agent.get("/healthz")[0] == 200
+        ready = before[-1].splitlines()
+        assert any(line.startswith("STATUS=healthy") for line in ready), ready
+        assert not any("WATCHDOG=1" in m for m in before)
+
+        # WATCHDOG_USEC of 1 s: pinged every half second while healthy.
+        start = time.monotonic()
+        _receive_until(notify_socket, "WATCHDOG=1", timeout=3)
+        _receive_until(notify_socket, "WATCHDOG=1", timeout=3)
+        assert time.monotonic() - start < seconds(3)
+
+        agent.proc.terminate()
+        _receive_until(notify_socket, "STOPPING=1", timeout=5)
+        assert agent.proc.wait(timeout=seconds(5)) == 0
+
+
+def test_no_watchdog_while_state_dir_is_broken(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    config = valid_config(tmp_path, control_plane=False)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory's parent should be")
+    config["state_dir"] = str(blocker / "state")
+    port = int(config["health"]["listen"].rsplit(":", 1)[1])
+    path = write_config(tmp_path, config)
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
+    with running_agent(path, port, tmp_path, env=env, wait=False) as agent:
+        _receive_until(notify_socket, "READY=1", timeout=20)
+        code, health = agent.get_json("/healthz")
+        assert code == 503
+        assert health["problems"][0]["code"] == "state_dir_unwritable"
+        # Several watchdog periods pass: STATUS updates arrive, WATCHDOG=1 never does.
+        messages: list[str] = []
+        deadline = time.monotonic() + seconds(1.5)
+        while time.monotonic() < deadline:
+            try:
+                messages.append(notify_socket.recv(4096).decode())
+            except TimeoutError:
+                continue
+        assert any(m.startswith("STATUS=unhealthy") for m in messages), messages
+        assert not any("WATCHDOG=1" in m.splitlines() for m in messages)
+        assert agent.stop()[0] == 0
