@@ -1,42 +1,22 @@
-"""YAML configuration → one frozen, typed :class:`Config`.
-
-The config is parsed once, at the edge (``load_config``), and each part of the agent is
-handed only its own slice. Every problem is collected before anything is reported, so
-``check-config`` can print all of them at once, each with the dotted key path of the
-offending value (``datastores[0].path: /srv/x does not exist``).
-
-Validation is pydantic in strict mode: no silent coercion (``"30"`` is not ``30``),
-unknown keys are errors at every level. Rules that need the file system or the network
-policy (datastore paths, token file permissions, ``ws://`` and the health listener's
-address) run as validators too, so they are reported together with type errors.
-"""
+"""The configuration's typed, frozen models and their validation rules (see the package)."""
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import stat
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
-
-from agent.errors import ConfigError
-
-DEFAULT_CONFIG_PATH = Path("/etc/cloudbender-agent/config.yaml")
-CONFIG_ENV = "CLOUDBENDER_AGENT_CONFIG"
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -287,123 +267,3 @@ class Config(_Section):
     @classmethod
     def _list_to_tuple(cls, value: object) -> object:
         return tuple(value) if isinstance(value, list) else value
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that refuses duplicate keys instead of keeping the last one."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    mapping: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node)
-        if key in mapping:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        mapping[key] = loader.construct_object(value_node)
-    return mapping
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,
-)
-
-
-def format_location(loc: tuple[int | str, ...]) -> str:
-    """``("datastores", 0, "path")`` → ``"datastores[0].path"``."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else part
-    return out or "(top level)"
-
-
-def _describe(error: Mapping[str, Any]) -> str:
-    loc = tuple(p for p in error["loc"] if not str(p).startswith("function-"))
-    # Strict unions report each alternative; the key is what a person needs.
-    loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith(("literal[", "tuple["))))
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        return f"{format_location(loc)}: unknown key"
-    if kind == "missing":
-        return f"{format_location(loc)}: required key is missing"
-    message = str(error["msg"])
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
-    value = error.get("input")
-    if kind.endswith("_type") and not isinstance(value, dict | list):
-        message += f" (got {type(value).__name__} {value!r})"
-    return f"{format_location(loc)}: {message}"
-
-
-def _duplicate_datastores(data: Mapping[str, Any]) -> list[str]:
-    # Checked on the raw list, apart from pydantic, so that a duplicate name is reported
-    # even when an entry also has a problem of its own.
-    stores = data.get("datastores")
-    if not isinstance(stores, list):
-        return []
-    first: dict[str, int] = {}
-    problems = []
-    for i, entry in enumerate(stores):
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if not isinstance(name, str):
-            continue
-        if name in first:
-            problems.append(
-                f"datastores[{i}].name: {name!r} is already used by datastores[{first[name]}]"
-            )
-        else:
-            first[name] = i
-    return problems
-
-
-def parse_config(data: object) -> Config:
-    """Validate already-parsed YAML. Raises :class:`ConfigError` listing every problem."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError([f"(top level): must be a mapping of keys, not {type(data).__name__}"])
-    problems: list[str] = []
-    config: Config | None = None
-    try:
-        config = Config.model_validate(data)
-    except ValidationError as exc:
-        for error in exc.errors():
-            line = _describe(error)
-            if line not in problems:
-                problems.append(line)
-    problems += _duplicate_datastores(data)
-    if problems or config is None:
-        raise ConfigError(problems)
-    return config
-
-
-def default_config_path() -> Path:
-    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
-
-
-def load_config(path: Path | None = None) -> Config:
-    """Read and validate the YAML file at ``path`` (default: env var, then /etc).
-
-    Raises :class:`ConfigError` with every problem found; never returns a partial config.
-    """
-    path = path or default_config_path()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: config file does not exist"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: cannot be read: {exc}"]) from exc
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from exc
-    return parse_config(data)
