@@ -1,0 +1,71 @@
+"""Binary frames (PROTOCOL.md §2): a 4-byte big-endian header length, a JSON header, a payload.
+
+::
+
+    bytes 0..3        H, the header length, unsigned 32-bit big-endian
+    bytes 4..4+H      header: a UTF-8 JSON object with a string field "type"
+    bytes 4+H..end    payload
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from agent.protocol import MAX_HEADER
+
+_LENGTH = struct.Struct(">I")
+
+
+class FrameError(ValueError):
+    """A binary frame that does not follow §2; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class BinaryFrame:
+    header: dict[str, Any]
+    payload: bytes | memoryview
+
+    @property
+    def type(self) -> str:
+        return str(self.header["type"])
+
+
+def encode_binary(header: dict[str, Any], payload: bytes | memoryview = b"") -> bytes:
+    """Build one binary frame. ``header`` must hold a string ``type``.
+
+    Raises :class:`FrameError` when the header is over the 4 KiB the protocol allows.
+    """
+    if not isinstance(header.get("type"), str):
+        raise FrameError("header needs a string field 'type'")
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    if len(raw) > MAX_HEADER:
+        raise FrameError(f"header is {len(raw)} bytes, more than {MAX_HEADER}")
+    return b"".join((_LENGTH.pack(len(raw)), raw, payload))
+
+
+def decode_binary(data: bytes) -> BinaryFrame:
+    """Split a binary frame. The payload is a zero-copy view into ``data``.
+
+    Raises :class:`FrameError` for a short frame, a header length past the end, a
+    header that is not a UTF-8 JSON object, or one without a string ``type``.
+    """
+    if len(data) < _LENGTH.size:
+        raise FrameError(f"binary frame of {len(data)} bytes is shorter than its length prefix")
+    (length,) = _LENGTH.unpack_from(data)
+    end = _LENGTH.size + length
+    if end > len(data):
+        raise FrameError(f"header length {length} runs past the end of a {len(data)}-byte frame")
+    try:
+        header = json.loads(bytes(data[_LENGTH.size : end]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FrameError("binary frame header is not UTF-8 JSON") from exc
+    except RecursionError as exc:
+        raise FrameError("binary frame header is nested too deeply") from exc
+    if not isinstance(header, dict):
+        raise FrameError("binary frame header is not a JSON object")
+    if not isinstance(header.get("type"), str):
+        raise FrameError("binary frame header lacks a string 'type'")
+    return BinaryFrame(header, memoryview(data)[end:])

@@ -1,0 +1,325 @@
+"""Typed messages of PROTOCOL.md and the validation of everything the control plane sends.
+
+Incoming messages are pydantic models in strict mode: a field of the wrong JSON type is
+refused (``"5"`` is not ``5``, ``true`` is not ``1``), unknown fields are ignored (§2:
+newer control planes may send more). :func:`parse_text` and :func:`parse_binary` turn a
+frame into a model or a :class:`Invalid` that says which ``error`` to answer with.
+
+Outgoing messages are built by the small functions at the bottom; every one of them is a
+JSON object with a string ``type``, exactly the fields of PROTOCOL.md and nothing more.
+
+Error details quote field names and what was expected, never the offending value: a
+hostile peer must not be able to make the agent echo arbitrary bytes back, and values
+may be large.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+from agent.protocol.frames import BinaryFrame, FrameError, decode_binary
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+_JOB_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+SHA256_HEX = r"^[0-9a-f]{64}$"
+MAX_DETAIL = 300
+
+JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN)]
+# Strict floats accept JSON integers but refuse strings and booleans.
+Number = float
+NonNegative = Annotated[StrictInt, Field(ge=0)]
+Positive = Annotated[StrictInt, Field(gt=0)]
+
+
+class _Incoming(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+# -- control plane → agent ---------------------------------------------------------------
+
+
+class Welcome(_Incoming):
+    type: Literal["welcome"]
+    session: str
+    heartbeat_s: Annotated[Number, Field(gt=0)]
+
+
+class ErrorMessage(_Incoming):
+    type: Literal["error"]
+    code: str
+    detail: str | None = None
+    ref: str | None = None
+
+
+class ImageAuth(_Incoming):
+    username: str
+    password: str = Field(repr=False)
+
+
+class ImageSpec(_Incoming):
+    ref: Annotated[str, Field(min_length=1, max_length=512)]
+    digest: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")] | None = None
+    auth: ImageAuth | None = Field(default=None, repr=False)
+
+
+class ModelSpec(_Incoming):
+    artifact: Annotated[str, Field(min_length=1, max_length=256)]
+    sha256: Annotated[str, Field(pattern=SHA256_HEX)]
+    size: NonNegative | None = None
+
+
+class GpuRequest(_Incoming):
+    count: NonNegative = 0
+    types: list[str] | None = None
+
+
+class Resources(_Incoming):
+    cpus: Annotated[Number, Field(gt=0)] | None = None
+    memory_mib: Positive | None = None
+
+
+class ResultLimits(_Incoming):
+    max_bytes: Positive | None = None
+    max_files: Positive | None = None
+
+
+class JobAssign(_Incoming):
+    type: Literal["job.assign"]
+    job_id: JobId
+    image: ImageSpec
+    datastore: Annotated[str, Field(min_length=1, max_length=64)]
+    model: ModelSpec | None = None
+    command: list[str] | None = None
+    env: dict[str, str] | None = None
+    gpus: GpuRequest | None = None
+    resources: Resources | None = None
+    timeout_s: Positive | None = None
+    results: ResultLimits | None = None
+
+
+class JobAck(_Incoming):
+    type: Literal["job.ack"]
+    job_id: JobId
+
+
+class JobCancel(_Incoming):
+    type: Literal["job.cancel"]
+    job_id: JobId
+
+
+class ResultResume(_Incoming):
+    type: Literal["result.resume"]
+    job_id: JobId
+    offsets: list[NonNegative]
+
+
+class ResultAck(_Incoming):
+    type: Literal["result.ack"]
+    job_id: JobId
+    file: NonNegative
+    offset: NonNegative
+
+
+class ResultAccepted(_Incoming):
+    type: Literal["result.accepted"]
+    job_id: JobId
+
+
+class ResultRejected(_Incoming):
+    type: Literal["result.rejected"]
+    job_id: JobId
+    file: NonNegative
+    code: str
+
+
+class ArtifactEnd(_Incoming):
+    type: Literal["artifact.end"]
+    artifact: str
+    size: NonNegative
+    sha256: Annotated[str, Field(pattern=SHA256_HEX)]
+
+
+class ArtifactChunkHeader(_Incoming):
+    type: Literal["artifact.chunk"]
+    artifact: str
+    offset: NonNegative
+
+
+@dataclass(frozen=True)
+class ArtifactChunk:
+    header: ArtifactChunkHeader
+    payload: bytes | memoryview
+
+
+TEXT_TYPES: dict[str, type[_Incoming]] = {
+    "welcome": Welcome,
+    "error": ErrorMessage,
+    "job.assign": JobAssign,
+    "job.ack": JobAck,
+    "job.cancel": JobCancel,
+    "result.resume": ResultResume,
+    "result.ack": ResultAck,
+    "result.accepted": ResultAccepted,
+    "result.rejected": ResultRejected,
+    "artifact.end": ArtifactEnd,
+}
+BINARY_TYPES: dict[str, type[_Incoming]] = {"artifact.chunk": ArtifactChunkHeader}
+
+Incoming = (
+    Welcome
+    | ErrorMessage
+    | JobAssign
+    | JobAck
+    | JobCancel
+    | ResultResume
+    | ResultAck
+    | ResultAccepted
+    | ResultRejected
+    | ArtifactEnd
+    | ArtifactChunk
+)
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """A frame that must be answered with ``error`` (``code``), or ``job.rejected``.
+
+    ``job_id`` is set for a ``job.assign`` whose ``job_id`` is usable but whose other
+    fields are not: PROTOCOL.md §4 wants ``job.rejected`` / ``bad_spec`` for it, so that
+    the control plane can correlate the refusal.
+    """
+
+    code: Literal["bad_message", "unknown_type"]
+    detail: str
+    ref: str | None = None
+    job_id: str | None = None
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 1] + "…"
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """``field.path: what was expected`` for each problem, without the offending values."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False):
+        loc = ".".join(str(p) for p in error["loc"]) or "message"
+        parts.append(f"{loc}: {error['msg']}")
+    return _clip("; ".join(parts))
+
+
+def _validate(model: type[_Incoming], data: dict[str, Any], kind: str) -> _Incoming | Invalid:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        detail = describe_validation(exc)
+        job_id = data.get("job_id")
+        if kind == "job.assign" and isinstance(job_id, str) and _JOB_ID.fullmatch(job_id):
+            return Invalid("bad_message", detail, ref=kind, job_id=job_id)
+        return Invalid("bad_message", detail, ref=kind)
+
+
+def parse_text(text: str) -> Incoming | Invalid:
+    """Parse one text frame from the control plane. Never raises."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return Invalid("bad_message", "text frame is not JSON")
+    if not isinstance(data, dict):
+        return Invalid("bad_message", "text frame is not a JSON object")
+    kind = data.get("type")
+    if not isinstance(kind, str):
+        return Invalid("bad_message", "message lacks a string field 'type'")
+    model = TEXT_TYPES.get(kind)
+    if model is None:
+        return Invalid("unknown_type", _clip(kind), ref=_clip(kind))
+    return _validate(model, data, kind)  # type: ignore[return-value]
+
+
+def parse_binary(data: bytes) -> Incoming | Invalid:
+    """Parse one binary frame from the control plane. Never raises."""
+    try:
+        frame: BinaryFrame = decode_binary(data)
+    except FrameError as exc:
+        return Invalid("bad_message", str(exc))
+    model = BINARY_TYPES.get(frame.type)
+    if model is None:
+        return Invalid("unknown_type", _clip(frame.type), ref=_clip(frame.type))
+    header = _validate(model, frame.header, frame.type)
+    if isinstance(header, Invalid):
+        return header
+    assert isinstance(header, ArtifactChunkHeader)
+    return ArtifactChunk(header, frame.payload)
+
+
+# -- agent → control plane -------------------------------------------------------------
+
+
+def encode_text(message: dict[str, Any]) -> str:
+    """One text frame. ``allow_nan=False``: NaN is not JSON, and a peer may choke on it."""
+    return json.dumps(message, separators=(",", ":"), allow_nan=False)
+
+
+def error(code: str, detail: str | None = None, ref: str | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"type": "error", "code": code}
+    if detail is not None:
+        message["detail"] = _clip(detail)
+    if ref is not None:
+        message["ref"] = ref
+    return message
+
+
+def job_accepted(job_id: str) -> dict[str, Any]:
+    return {"type": "job.accepted", "job_id": job_id}
+
+
+def job_rejected(job_id: str, code: str, detail: str) -> dict[str, Any]:
+    return {"type": "job.rejected", "job_id": job_id, "code": code, "detail": _clip(detail)}
+
+
+def job_state(
+    job_id: str,
+    state: str,
+    ts: float,
+    *,
+    reason: str | None = None,
+    exit_code: int | None = None,
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"type": "job.state", "job_id": job_id, "state": state, "ts": ts}
+    if reason is not None:
+        message["reason"] = reason
+    if exit_code is not None:
+        message["exit_code"] = exit_code
+    return message
+
+
+def hello(
+    *,
+    node_id: str,
+    agent_version: str,
+    hostname: str,
+    labels: dict[str, str],
+    inventory: dict[str, Any],
+    datastores: list[dict[str, str]],
+    capacity: dict[str, Any],
+    jobs: list[dict[str, str]],
+    protocol: int = 1,
+) -> dict[str, Any]:
+    """The ``hello`` of §3. ``datastores`` carry names and descriptions only."""
+    return {
+        "type": "hello",
+        "protocol": protocol,
+        "node_id": node_id,
+        "agent_version": agent_version,
+        "hostname": hostname,
+        "labels": labels,
+        "inventory": inventory,
+        "datastores": datastores,
+        "capacity": capacity,
+        "jobs": jobs,
+    }
