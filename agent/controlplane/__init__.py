@@ -1,0 +1,44 @@
+"""The reference control plane: the CP side of PROTOCOL.md as a small, real server.
+
+This is an example of the protocol, for the demo, the end-to-end tests and provider
+engineers who write their own control plane. It is not a production control plane:
+it keeps everything in memory, schedules nothing, and is meant for one process on a
+trusted network (loopback, by default).
+
+It is written from PROTOCOL.md alone, independently of the agent's own protocol
+code, so that the two catch each other's mistakes.
+
+- ``server``: :class:`ControlPlane`, the WebSocket server (upgrade checks, one live
+  session per node) and its asyncio API.
+- ``auth``: the upgrade gate: path, bearer token, which node_id a token may use.
+- ``session``: one connection: the ``hello`` gate, ``welcome``, the receive loop.
+- ``handlers``: frame parsing, ``error`` replies, a handler per message type.
+- ``validate``: the shape of every message an agent may send. Pure.
+- ``state``: :class:`NodeState`, what is recorded per node, and waiting on it.
+- ``threaded``: :class:`ThreadedControlPlane`, the same server behind a blocking API.
+
+Run it standalone with ``python -m agent.controlplane --token-file FILE``.
+"""
+
+from agent.controlplane.auth import ANY_NODE
+from agent.controlplane.errors import ControlPlaneError, NodeNotConnected, WaitTimeout
+from agent.controlplane.server import CLOSE_AUTH, CLOSE_REPLACED, ControlPlane
+from agent.controlplane.session import CLOSE_BAD_HELLO
+from agent.controlplane.state import Disconnect, Heartbeat, NodeState, Received
+from agent.controlplane.threaded import ThreadedControlPlane
+
+__all__ = [
+    "ANY_NODE",
+    "CLOSE_AUTH",
+    "CLOSE_BAD_HELLO",
+    "CLOSE_REPLACED",
+    "ControlPlane",
+    "ControlPlaneError",
+    "Disconnect",
+    "Heartbeat",
+    "NodeNotConnected",
+    "NodeState",
+    "Received",
+    "ThreadedControlPlane",
+    "WaitTimeout",
+]
