@@ -9,9 +9,23 @@ to the low-level cause; only ``agent.cli`` turns them into exit codes.
     ├── ConfigError          the YAML config is unreadable or invalid (exit 78, EX_CONFIG)
     ├── GpuError             the GPU backend failed in a way the caller must see
     ├── HealthServerError    the loopback health server could not start (port taken, bad address)
-    └── DaemonUnreachable    a CLI command found no daemon answering on the health address
+    ├── DaemonUnreachable    a CLI command found no daemon answering on the health address
+    └── ContainerRuntimeError    the container engine failed or refused (agent.runtime)
+        ├── RuntimeUnavailable       the engine does not answer (daemon down, socket missing)
+        ├── ImageRefInvalid          an image reference or digest that cannot be parsed
+        ├── ImageNotFound            the image is not in the engine's local store
+        ├── ImageDigestMismatch      a local image for the ref lacks the pinned digest
+        ├── ImagePullFailed          a pull failed or did not finish in time
+        ├── ContainerCreateError     the job container could not be created
+        │   ├── InvalidContainerSpec     the spec breaks a rule (root user, reserved env, …)
+        │   ├── GpuUnsupported           GPUs requested, the engine has no NVIDIA support
+        │   ├── ContainerExists          a container with the job's name exists already
+        │   └── IsolationMismatch        read back, it differs from SECURITY.md §1: removed
+        ├── ContainerStartError      the engine would not start it (OCI runtime, GPU driver)
+        ├── ContainerNotFound        no container with that id
+        └── WaitTimeout              wait() gave up; the container is still running
 
-Error messages never contain the control-plane token.
+Error messages never contain the control-plane token, nor registry credentials.
 """
 
 from __future__ import annotations
@@ -43,3 +57,71 @@ class HealthServerError(AgentError):
 
 class DaemonUnreachable(AgentError):
     """No daemon answered on the configured health address."""
+
+
+class ContainerRuntimeError(AgentError):
+    """The container engine failed, or refused what the agent asked of it."""
+
+
+class RuntimeUnavailable(ContainerRuntimeError):
+    """The engine does not answer: the daemon is down or its socket is missing."""
+
+
+class ImageRefInvalid(ContainerRuntimeError):
+    """An image reference or digest that cannot be parsed."""
+
+
+class ImageNotFound(ContainerRuntimeError):
+    """The image is not in the engine's local store (nothing is ever pulled implicitly)."""
+
+
+class ImageDigestMismatch(ContainerRuntimeError):
+    """A local image exists for the reference but does not carry the pinned digest."""
+
+
+class ImagePullFailed(ContainerRuntimeError):
+    """A pull failed (registry unreachable, refused, unknown image) or ran out of time."""
+
+
+class ContainerCreateError(ContainerRuntimeError):
+    """The job container could not be created; nothing of it is left behind."""
+
+
+class InvalidContainerSpec(ContainerCreateError):
+    """The container spec breaks a rule; ``problems`` lists each, in words."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid container spec: " + "; ".join(self.problems))
+
+
+class GpuUnsupported(ContainerCreateError):
+    """GPUs were requested but the engine has no NVIDIA runtime or CDI spec."""
+
+
+class ContainerExists(ContainerCreateError):
+    """A container with the job's name exists already (left by an earlier attempt)."""
+
+
+class IsolationMismatch(ContainerCreateError):
+    """Read back from the engine, the container differs from SECURITY.md §1.
+
+    The container has been removed without being started. ``problems`` lists every
+    difference, in words.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("container isolation differs from the spec: " + "; ".join(self.problems))
+
+
+class ContainerStartError(ContainerRuntimeError):
+    """The engine would not start the container (OCI runtime error, GPU driver missing)."""
+
+
+class ContainerNotFound(ContainerRuntimeError):
+    """The engine has no container with that id."""
+
+
+class WaitTimeout(ContainerRuntimeError):
+    """``wait`` gave up after its timeout; the container is still running."""

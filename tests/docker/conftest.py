@@ -6,11 +6,19 @@ Images are never pulled: create containers with `containers.create`, not
 `containers.run`, which pulls a missing image.
 """
 
-from collections.abc import Iterator
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
 from docker.errors import DockerException, ImageNotFound
+
+from agent.runtime.base import ContainerSpec
+from agent.runtime.docker import DockerRuntime
 
 TEST_IMAGE = "cloudbender-test/busybox:latest"
 
@@ -43,3 +51,83 @@ def test_image(docker_client: docker.DockerClient) -> str:
             pytrace=False,
         )
     return TEST_IMAGE
+
+
+# --- job containers (agent.runtime) -------------------------------------------------
+
+JOB_UID = 65534
+
+
+@pytest.fixture
+def runtime(docker_client: docker.DockerClient) -> DockerRuntime:
+    """The agent's runtime on the engine that `docker_client` talks to."""
+    return DockerRuntime(os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"))
+
+
+@pytest.fixture
+def node_id(docker_client: docker.DockerClient) -> Iterator[str]:
+    """A node id of this test's own; every container labelled with it is removed
+    afterwards, whatever the test did or failed to do."""
+    node = f"test-{uuid.uuid4().hex[:10]}"
+    try:
+        yield node
+    finally:
+        leftovers = docker_client.containers.list(
+            all=True, filters={"label": f"cloudbender.node-id={node}"}
+        )
+        for container in leftovers:
+            container.remove(force=True, v=True)
+
+
+@dataclass(frozen=True)
+class JobDirs:
+    data: Path
+    model: Path
+    output: Path
+
+
+@pytest.fixture
+def job_dirs(tmp_path: Path) -> JobDirs:
+    """A datastore (with one file), a model dir and an output dir owned by the job user,
+    as the job manager must prepare them (docs/runtime.md)."""
+    dirs = JobDirs(tmp_path / "data", tmp_path / "model", tmp_path / "output")
+    for path in (dirs.data, dirs.model, dirs.output):
+        path.mkdir()
+        path.chmod(0o755)
+    (dirs.data / "vitals.csv").write_text("hr,spo2\n80,97\n")
+    (dirs.model / "weights.bin").write_bytes(b"\0" * 16)
+    os.chown(dirs.output, JOB_UID, JOB_UID)
+    return dirs
+
+
+@pytest.fixture
+def job_spec(
+    runtime: DockerRuntime, test_image: str, node_id: str, job_dirs: JobDirs
+) -> Callable[..., ContainerSpec]:
+    """A factory of specs for this test's node: small limits, the test image, the
+    test's job dirs; keyword arguments replace fields (`command` is a shell line)."""
+    image_id = runtime.image_id(test_image, None)
+    assert image_id is not None
+    counter = iter(range(1, 1000))
+
+    def make(script: str = "true", **changes: Any) -> ContainerSpec:
+        fields: dict[str, Any] = {
+            "job_id": f"j-{next(counter)}",
+            "node_id": node_id,
+            "image": test_image,
+            "image_id": image_id,
+            "command": ["sh", "-c", script],
+            "env": {},
+            "user": f"{JOB_UID}:{JOB_UID}",
+            "data_dir": job_dirs.data,
+            "model_dir": job_dirs.model,
+            "output_dir": job_dirs.output,
+            "cpus": 0.5,
+            "memory_mib": 64,
+            "pids": 64,
+            "tmp_mib": 16,
+        }
+        fields.update(changes)
+        return ContainerSpec(**fields)
+
+    return make

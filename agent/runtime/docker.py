@@ -1,0 +1,338 @@
+"""The Docker implementation of :class:`agent.runtime.base.Runtime`.
+
+The only module that imports ``docker``. Every method blocks (the SDK does): the job
+manager calls them through ``asyncio.to_thread``. The class is thread-safe: the SDK
+client is shared (requests' connection pool), except for ``wait`` and ``pull``,
+which hold a connection for minutes and get one of their own.
+
+Nothing here pulls implicitly: ``create`` takes a local image id, and the only pull
+is :meth:`DockerRuntime.pull`. SDK and HTTP errors are turned into the agent's
+(``agent.errors.ContainerRuntimeError`` and below) with the engine's own words.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import docker
+import requests
+import structlog
+from docker.errors import APIError, DockerException, NotFound
+
+from agent.errors import (
+    ContainerCreateError,
+    ContainerExists,
+    ContainerNotFound,
+    ContainerRuntimeError,
+    ContainerStartError,
+    GpuUnsupported,
+    ImageDigestMismatch,
+    ImageNotFound,
+    ImagePullFailed,
+    IsolationMismatch,
+    RuntimeUnavailable,
+    WaitTimeout,
+)
+from agent.runtime.base import (
+    LABEL_MANAGED,
+    LABEL_NODE_ID,
+    ContainerSpec,
+    ContainerState,
+    Runtime,
+    RuntimeInfo,
+)
+from agent.runtime.images import parse_ref, pinned_digest, repo_digests, scrub
+from agent.runtime.pull import is_read_timeout, stream_pull
+from agent.runtime.spec import create_kwargs
+from agent.runtime.verify import isolation_summary, verify_attrs
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_CDI_DIRS = (Path("/etc/cdi"), Path("/var/run/cdi"))
+_AUTH_KEYS = ("username", "password", "auth", "identitytoken", "registrytoken", "serveraddress")
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, APIError) and exc.explanation:
+        return str(exc.explanation)
+    return str(exc) or type(exc).__name__
+
+
+def detect_gpu_support(
+    engine_info: Mapping[str, Any], cdi_dirs: Sequence[Path] | None = None
+) -> tuple[bool, str]:
+    """Whether the engine can give a container NVIDIA GPUs, and why (in words).
+
+    Yes when the engine has an ``nvidia`` runtime, or an NVIDIA CDI spec
+    (``nvidia*.yaml``/``.json``) exists in ``cdi_dirs`` (default: the engine's
+    ``CDISpecDirs``, else ``/etc/cdi`` and ``/var/run/cdi``).
+    """
+    if "nvidia" in (engine_info.get("Runtimes") or {}):
+        return True, "the engine has the nvidia runtime"
+    if cdi_dirs is None:
+        cdi_dirs = [Path(d) for d in engine_info.get("CDISpecDirs") or ()] or DEFAULT_CDI_DIRS
+    for directory in cdi_dirs:
+        try:
+            specs = sorted(directory.glob("nvidia*"))
+        except OSError:
+            continue
+        for spec in specs:
+            if spec.suffix in (".yaml", ".yml", ".json"):
+                return True, f"NVIDIA CDI spec {spec}"
+    dirs = ", ".join(str(d) for d in cdi_dirs)
+    return False, f"no nvidia runtime in the engine and no NVIDIA CDI spec in {dirs}"
+
+
+@contextmanager
+def _engine(what: str) -> Iterator[None]:
+    """Map what escapes a method's own handling to the agent's errors."""
+    try:
+        yield
+    except ContainerRuntimeError:
+        raise
+    except NotFound as exc:
+        raise ContainerNotFound(f"{what}: {_why(exc)}") from exc
+    except DockerException as exc:  # APIError is also a requests exception: first
+        raise ContainerRuntimeError(f"{what}: {_why(exc)}") from exc
+    except requests.exceptions.RequestException as exc:
+        raise RuntimeUnavailable(f"{what}: the Docker engine does not answer: {exc}") from exc
+
+
+class DockerRuntime:
+    """Job containers on one Docker engine (``docker_host``, e.g. ``unix:///var/run/docker.sock``).
+
+    Construction never contacts the engine; the first call does, and a call made
+    while the engine is down raises :class:`~agent.errors.RuntimeUnavailable`
+    (``info`` reports it instead). ``timeout_s`` bounds each ordinary engine call.
+    ``cdi_dirs`` overrides where NVIDIA CDI specs are looked for (tests).
+    """
+
+    def __init__(
+        self, docker_host: str, *, timeout_s: float = 60, cdi_dirs: Sequence[Path] | None = None
+    ) -> None:
+        self._host = docker_host
+        self._timeout = max(1, math.ceil(timeout_s))
+        self._cdi_dirs = tuple(cdi_dirs) if cdi_dirs is not None else None
+        self._lock = threading.Lock()
+        self._docker: docker.DockerClient | None = None
+        self._runtimes: frozenset[str] | None = None
+        self._gpu: bool | None = None
+
+    def _client(self) -> docker.DockerClient:
+        with self._lock:
+            if self._docker is None:
+                try:
+                    self._docker = docker.DockerClient(base_url=self._host, timeout=self._timeout)
+                except DockerException as exc:
+                    raise RuntimeUnavailable(
+                        f"the Docker engine at {self._host} does not answer: {_why(exc)}"
+                    ) from exc
+            return self._docker
+
+    def _own_api(self) -> docker.APIClient:
+        # A connection of its own for a call that blocks for long (wait, pull), which
+        # passes its own timeout; the version is known, so this asks the engine nothing.
+        version = self._client().api.api_version
+        return docker.APIClient(base_url=self._host, version=version, timeout=self._timeout)
+
+    def _engine_facts(self, refresh: bool = False) -> tuple[frozenset[str], bool]:
+        """The engine's runtimes and GPU support, asked once (again on ``refresh``)."""
+        if refresh or self._runtimes is None or self._gpu is None:
+            with _engine("reading the engine's info"):
+                engine_info = self._client().info()
+            runtimes = frozenset(engine_info.get("Runtimes") or ())
+            gpu, why = detect_gpu_support(engine_info, self._cdi_dirs)
+            if gpu != self._gpu:
+                log.info("runtime_gpu_support", gpu_support=gpu, why=why)
+            self._runtimes, self._gpu = runtimes, gpu
+        return self._runtimes, self._gpu
+
+    def info(self) -> RuntimeInfo:
+        try:
+            with _engine("asking the engine's version"):
+                version = self._client().version().get("Version")
+            _, gpu = self._engine_facts()
+        except Exception as exc:  # the contract: never raises
+            return RuntimeInfo("docker", None, False, False, str(exc) or type(exc).__name__)
+        return RuntimeInfo("docker", version, gpu, True, None)
+
+    def create(self, spec: ContainerSpec) -> str:
+        kwargs = create_kwargs(spec)
+        runtimes, gpu = self._engine_facts()
+        if spec.runtime not in runtimes:
+            runtimes, gpu = self._engine_facts(refresh=True)
+            if spec.runtime not in runtimes:
+                raise ContainerCreateError(
+                    f"job {spec.job_id}: runtime {spec.runtime!r} is not configured in the "
+                    f"Docker engine (it has {', '.join(sorted(runtimes))})"
+                )
+        if spec.gpu_uuids and not gpu:
+            raise GpuUnsupported(
+                f"job {spec.job_id} needs GPUs but the engine has no NVIDIA support "
+                "(no nvidia runtime, no NVIDIA CDI spec): install the NVIDIA container toolkit"
+            )
+        what = f"creating the container of job {spec.job_id}"
+        with _engine(what):
+            try:
+                container = self._client().containers.create(**kwargs)
+            except docker.errors.ImageNotFound as exc:
+                raise ImageNotFound(f"{what}: image {spec.image_id} is not local") from exc
+            except APIError as exc:
+                if exc.status_code == 409:
+                    raise ContainerExists(f"{what}: {_why(exc)}") from exc
+                raise ContainerCreateError(f"{what}: {_why(exc)}") from exc
+        cid = str(container.id)
+        try:
+            with _engine(f"reading back the container of job {spec.job_id}"):
+                attrs = self._client().api.inspect_container(cid)
+            problems = verify_attrs(spec, attrs)
+            if problems:
+                raise IsolationMismatch(problems)
+        except BaseException:
+            # Never leave a container that was not verified; the first error is the news.
+            try:
+                self.remove(cid)
+            except ContainerRuntimeError as exc:
+                log.error("container_remove_failed", container=cid[:12], error=str(exc))
+            raise
+        log.info("container_created", job_id=spec.job_id, container=cid[:12], image=spec.image)
+        return cid
+
+    def start(self, container_id: str) -> None:
+        with _engine(f"starting container {container_id[:12]}"):
+            try:
+                self._client().api.start(container_id)
+            except APIError as exc:
+                if isinstance(exc, NotFound):
+                    raise
+                raise ContainerStartError(
+                    f"starting container {container_id[:12]}: {_why(exc)}"
+                ) from exc
+
+    def wait(self, container_id: str, timeout_s: float | None) -> ContainerState:
+        api = self._own_api()
+        try:
+            with _engine(f"waiting for container {container_id[:12]}"):
+                try:
+                    api.wait(container_id, timeout=_whole_seconds(timeout_s))
+                except requests.exceptions.RequestException as exc:
+                    if not is_read_timeout(exc):
+                        raise
+                    raise WaitTimeout(
+                        f"container {container_id[:12]} still runs after {timeout_s:g} s"
+                    ) from exc
+        finally:
+            api.close()
+        state = self.inspect(container_id)
+        if state is None:
+            raise ContainerNotFound(f"container {container_id[:12]} vanished when it stopped")
+        return state
+
+    def stop(self, container_id: str, grace_s: float) -> None:
+        with _engine(f"stopping container {container_id[:12]}"):
+            self._client().api.stop(container_id, timeout=max(0, math.ceil(grace_s)))
+
+    def remove(self, container_id: str) -> None:
+        with _engine(f"removing container {container_id[:12]}"):
+            try:
+                self._client().api.remove_container(container_id, force=True, v=True)
+            except NotFound:
+                return
+            except APIError as exc:
+                if exc.status_code == 409 and "in progress" in _why(exc):
+                    return
+                raise
+
+    def _attrs(self, container_id: str) -> dict[str, Any]:
+        with _engine(f"inspecting container {container_id[:12]}"):
+            attrs: dict[str, Any] = self._client().api.inspect_container(container_id)
+            return attrs
+
+    def inspect(self, container_id: str) -> ContainerState | None:
+        try:
+            return ContainerState.from_inspect(self._attrs(container_id))
+        except ContainerNotFound:
+            return None
+
+    def list_jobs(self, node_id: str) -> list[ContainerState]:
+        labels = [f"{LABEL_MANAGED}=true", f"{LABEL_NODE_ID}={node_id}"]
+        with _engine(f"listing the job containers of node {node_id}"):
+            found = self._client().api.containers(all=True, filters={"label": labels})
+        states = (self.inspect(str(c["Id"])) for c in found)
+        return [s for s in states if s is not None]  # removed in between: gone
+
+    def applied_isolation(self, container_id: str) -> dict[str, Any]:
+        return isolation_summary(self._attrs(container_id))
+
+    def _image_attrs(self, name: str) -> dict[str, Any] | None:
+        with _engine(f"looking up image {name}"):
+            try:
+                api: Any = self._client().api  # inspect_image is untyped in the stubs
+                attrs: dict[str, Any] = api.inspect_image(name)
+            except NotFound:
+                return None
+            return attrs
+
+    def image_id(self, ref: str, digest: str | None) -> str | None:
+        parsed = parse_ref(ref)
+        want = pinned_digest(parsed, digest)
+        if want is None:
+            attrs = self._image_attrs(ref)
+            return None if attrs is None else str(attrs["Id"])
+        attrs = self._image_attrs(f"{parsed.repo}@{want}")
+        if attrs is not None and want in repo_digests(attrs):
+            return str(attrs["Id"])
+        if parsed.digest is not None and parsed.tag is None:
+            return None
+        attrs = self._image_attrs(parsed.by_tag)
+        if attrs is None:
+            return None
+        if want in repo_digests(attrs):
+            return str(attrs["Id"])
+        have = ", ".join(sorted(repo_digests(attrs))) or "no registry digest (built locally?)"
+        raise ImageDigestMismatch(
+            f"local image {parsed.by_tag} ({str(attrs['Id'])[:19]}) has {have}, "
+            f"but the job pins {want}"
+        )
+
+    def pull(
+        self, ref: str, digest: str | None, auth: Mapping[str, str] | None, timeout_s: float
+    ) -> str:
+        parsed = parse_ref(ref)
+        want = pinned_digest(parsed, digest)
+        creds = {k: v for k, v in (auth or {}).items() if k in _AUTH_KEYS and v}
+        secrets = [v for k, v in creds.items() if k not in ("username", "serveraddress")]
+        api = self._own_api()
+        url = f"{api.base_url}/v{api.api_version}/images/create"
+        log.info("image_pull_started", image=ref, digest=want, timeout_s=timeout_s)
+        started = time.monotonic()
+        try:
+            stream_pull(api, url, parsed.repo, want or parsed.tag or "latest", creds, timeout_s)
+        except ImagePullFailed as exc:
+            message = scrub(str(exc), secrets)
+            log.warning("image_pull_failed", image=ref, error=message)
+            # Not chained: the cause's text may hold what was just scrubbed.
+            raise ImagePullFailed(f"pulling {ref}: {message}") from None
+        finally:
+            api.close()
+        image = self.image_id(ref, want)
+        if image is None:
+            raise ImagePullFailed(f"pulling {ref}: the engine reports success but has no image")
+        took_s = round(time.monotonic() - started, 1)
+        log.info("image_pulled", image=ref, image_id=image, took_s=took_s)
+        return image
+
+
+def _whole_seconds(timeout_s: float | None) -> int | None:
+    # The SDK's stubs want whole seconds; rounding up never waits less than asked.
+    return None if timeout_s is None else max(1, math.ceil(timeout_s))
+
+
+def _implements_runtime(runtime: DockerRuntime) -> Runtime:
+    return runtime  # mypy checks here that DockerRuntime has every method of Runtime
