@@ -90,8 +90,14 @@ def _run(path: Path | None) -> int:
     config = load_config(path)
     from agent.daemon import serve
     from agent.gpu.nvml import NvmlBackend
+    from agent.inventory import docker_probe
 
-    return serve(config, gpu=NvmlBackend(), config_path=path or default_config_path())
+    return serve(
+        config,
+        gpu=NvmlBackend(),
+        runtime_probe=docker_probe(config.runtime.docker_host),
+        config_path=path or default_config_path(),
+    )
 
 
 def _check_config(path: Path | None) -> int:

@@ -22,14 +22,15 @@ import os
 import signal
 import time
 import urllib.request
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from agent import __version__, logs
-from agent.config import Config, load_config
+from agent import __version__, inventory, logs
+from agent.config import Config, ControlPlaneConfig, load_config
+from agent.connection import Connection, SessionHandler
 from agent.errors import AgentError, HealthServerError
 from agent.gpu.base import GpuBackend, GpuInventory, mark_allocatable
 from agent.health.facts import (
@@ -44,6 +45,8 @@ from agent.health.metrics import AgentCollector, build_registry, render
 from agent.health.server import Endpoints, HealthServer
 from agent.health.status import status_document
 from agent.hostinfo import HostSampler
+from agent.inventory import RuntimeSummary
+from agent.nojobs import NoJobs
 from agent.reload import plan_reload
 from agent.systemd import Notifier
 
@@ -51,6 +54,7 @@ log = structlog.get_logger(__name__)
 
 SAMPLE_INTERVAL_S = 5.0
 STATE_DIR_CHECK_S = 30.0
+RUNTIME_PROBE_S = 60.0
 
 
 class Daemon:
@@ -62,12 +66,19 @@ class Daemon:
         *,
         gpu: GpuBackend,
         notifier: Notifier,
+        runtime_probe: Callable[[], RuntimeSummary],
         config_path: Path | None = None,
+        handler: SessionHandler | None = None,
     ) -> None:
         self.config = config
         self._config_path = config_path
         self._gpu = gpu
         self._notifier = notifier
+        self._runtime_probe = runtime_probe
+        self._runtime = RuntimeSummary(
+            engine=config.runtime.engine, version=None, gpu_support=False
+        )
+        self._handler = handler or NoJobs()
         self.facts = NodeFacts()
         if config.control_plane is not None:
             self.facts.control_plane = ControlPlaneFacts(configured=True, state="disconnected")
@@ -112,6 +123,9 @@ class Daemon:
             self._spawn(self._heartbeat(), "loop-heartbeat")
             self._spawn(self._sampler(), "sampler")
             self._spawn(self._state_dir_checker(), "state-dir-check")
+            self._spawn(self._runtime_prober(), "runtime-probe")
+            if self.config.control_plane is not None:
+                self._spawn(self._connection(self.config.control_plane).run(), "control-plane")
             if self._notifier.watchdog_interval_s:
                 self._spawn(self._watchdog(self._notifier.watchdog_interval_s), "watchdog")
             await self._stop.wait()
@@ -125,6 +139,7 @@ class Daemon:
         self.facts.state_dir_problem = await asyncio.to_thread(
             prepare_state_dir, self.config.state_dir
         )
+        self._runtime = await asyncio.to_thread(self._runtime_probe)
         await self._sample_once()
         self._health.start()
         host, port = self._health.address
@@ -188,6 +203,25 @@ class Daemon:
         self._spawn(self._reload(), "reload")
 
     # -- the owner loops ------------------------------------------------------------------
+
+    def _connection(self, cp: ControlPlaneConfig) -> Connection:
+        def publish(facts: ControlPlaneFacts) -> None:
+            self.facts.control_plane = facts
+
+        return Connection(
+            cp,
+            hello=lambda jobs: inventory.hello(self.config, self.facts, self._runtime, jobs),
+            telemetry=lambda jobs: inventory.telemetry(self.facts, jobs),
+            handler=self._handler,
+            publish=publish,
+            stats=self.facts.messages,
+            user_agent=f"cloudbender-agent/{__version__}",
+        )
+
+    async def _runtime_prober(self) -> None:
+        while True:
+            await asyncio.sleep(RUNTIME_PROBE_S)
+            self._runtime = await asyncio.to_thread(self._runtime_probe)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -306,11 +340,19 @@ def _answers(host: str, port: int) -> bool:
         return False
 
 
-def serve(config: Config, *, gpu: GpuBackend, config_path: Path | None = None) -> int:
+def serve(
+    config: Config,
+    *,
+    gpu: GpuBackend,
+    runtime_probe: Callable[[], RuntimeSummary],
+    config_path: Path | None = None,
+) -> int:
     """Configure logging, run the daemon to completion, return the process exit status."""
     logs.configure(config.logging.level, config.logging.format)
     notifier = Notifier()
-    daemon = Daemon(config, gpu=gpu, notifier=notifier, config_path=config_path)
+    daemon = Daemon(
+        config, gpu=gpu, notifier=notifier, runtime_probe=runtime_probe, config_path=config_path
+    )
     try:
         asyncio.run(daemon.run())
     except HealthServerError as exc:

@@ -75,13 +75,7 @@ def render_status(doc: dict[str, Any]) -> str:
     ]
     for problem in doc.get("problems") or []:
         lines.append(f"  ! {problem.get('detail')}")
-    cp = doc.get("control_plane") or {}
-    cp_line = str(cp.get("state"))
-    if cp.get("url"):
-        cp_line += f"  {cp['url']}  (last contact {_ago(cp.get('last_contact'))})"
-    if cp.get("last_error"):
-        cp_line += f"  last error: {cp['last_error']}"
-    lines.append(f"{'Control plane':<14} {cp_line}")
+    lines.extend(_control_plane_lines(doc.get("control_plane") or {}))
     lines.extend(_gpu_lines(doc.get("gpus") or {}))
     host = doc.get("host") or {}
     if host:
@@ -102,6 +96,27 @@ def render_status(doc: dict[str, Any]) -> str:
     jobs = doc.get("jobs") or []
     lines.append(f"{'Jobs':<14} {len(jobs) or 'none'}")
     return "\n".join(lines)
+
+
+def _control_plane_lines(cp: dict[str, Any]) -> list[str]:
+    state = str(cp.get("state"))
+    if not cp.get("url"):
+        return [f"{'Control plane':<14} {state}"]
+    since = cp.get("since")
+    head = f"{state} since {_ago(since)}" if since else state
+    lines = [f"{'Control plane':<14} {head}  {cp['url']}"]
+    if cp.get("session_id") and state == "connected":
+        lines.append(f"{'':<14} session {cp['session_id']}")
+    lines.append(f"{'':<14} last contact {_ago(cp.get('last_contact'))}")
+    if cp.get("last_error"):
+        lines.append(f"{'':<14} last error: {cp['last_error']}")
+    if state != "connected" and cp.get("next_attempt_at"):
+        wait = max(float(cp["next_attempt_at"]) - time.time(), 0.0)
+        lines.append(
+            f"{'':<14} next attempt in {_duration(wait)} (backoff {cp.get('backoff_s')} s, "
+            f"{cp.get('attempts')} attempts)"
+        )
+    return lines
 
 
 def _gpu_lines(gpus: dict[str, Any]) -> list[str]:

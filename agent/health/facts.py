@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from agent.gpu.base import GpuInventory
+from agent.protocol.session import Stats
 
 # The loop ticks every LOOP_TICK_S; a loop silent for LOOP_STALL_S is considered hung.
 LOOP_TICK_S = 1.0
@@ -55,13 +56,33 @@ class Problem:
         return {"code": self.code, "detail": self.detail}
 
 
-@dataclass
+@dataclass(frozen=True)
 class ControlPlaneFacts:
+    """The link to the control plane. Replaced whole on every change."""
+
     configured: bool
-    state: str  # "not configured", "disconnected", later "connecting", "connected"
+    # "not configured", "connecting", "connected", "disconnected", "auth_failed",
+    # "replaced", "unsupported_protocol"
+    state: str
     since: float = field(default_factory=time.time)
     last_contact: float | None = None
     last_error: str | None = None
+    session_id: str | None = None
+    next_attempt_at: float | None = None
+    backoff_s: float | None = None
+    attempts: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "since": self.since,
+            "last_contact": self.last_contact,
+            "last_error": self.last_error,
+            "session_id": self.session_id,
+            "next_attempt_at": self.next_attempt_at,
+            "backoff_s": self.backoff_s,
+            "attempts": self.attempts,
+        }
 
 
 @dataclass
@@ -77,6 +98,8 @@ class NodeFacts:
     control_plane: ControlPlaneFacts = field(
         default_factory=lambda: ControlPlaneFacts(configured=False, state="not configured")
     )
+    # Messages in and out by type, across sessions; mutated only by the event loop.
+    messages: Stats = field(default_factory=Stats)
 
 
 def assess(

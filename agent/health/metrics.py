@@ -10,7 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from agent.health.facts import NodeFacts, Problem
@@ -57,6 +62,23 @@ class AgentCollector(Collector):
         )
         cp.add_metric([facts.control_plane.state], 1)
         yield cp
+        yield CounterMetricFamily(
+            "cloudbender_control_plane_reconnects",
+            "Connection attempts after the first.",
+            value=max(facts.control_plane.attempts - 1, 0),
+        )
+        messages = CounterMetricFamily(
+            "cloudbender_control_plane_messages",
+            "Protocol messages by direction and type.",
+            labels=["direction", "type"],
+        )
+        for direction, counts in (
+            ("in", dict(facts.messages.received)),
+            ("out", dict(facts.messages.sent)),
+        ):
+            for kind, count in sorted(counts.items()):
+                messages.add_metric([direction, kind], count)
+        yield messages
         yield from self._gpu_metrics()
         yield from self._host_metrics()
 

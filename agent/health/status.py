@@ -29,12 +29,7 @@ def status_document(facts: NodeFacts, config: Config, problems: list[Problem]) -
     cp = facts.control_plane
     control_plane: dict[str, Any] = {"state": cp.state}
     if config.control_plane is not None:
-        control_plane.update(
-            url=_redacted_url(config.control_plane.url),
-            since=cp.since,
-            last_contact=cp.last_contact,
-            last_error=cp.last_error,
-        )
+        control_plane.update(cp.to_dict(), url=_redacted_url(config.control_plane.url))
     return {
         "node_id": config.node.id,
         "labels": dict(config.node.labels),

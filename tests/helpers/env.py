@@ -38,7 +38,9 @@ def valid_config(tmp_path: Path, *, control_plane: bool = True) -> dict[str, Any
         "logging": {"level": "info", "format": "json"},
     }
     if control_plane:
-        config["control_plane"] = {"url": "wss://cp.example.com/agent/v1", "token_file": str(token)}
+        # A loopback port where nothing listens: a daemon started with it never leaves the machine.
+        url = f"wss://127.0.0.1:{free_port()}/agent/v1"
+        config["control_plane"] = {"url": url, "token_file": str(token)}
     return config
 
 

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from agent.config import load_config
 from agent.daemon import serve
 from agent.gpu.nvml import NvmlBackend
+from agent.inventory import docker_probe
 from tests.fakes.nvml import FakeNvml, two_gpu_fake
 
 
@@ -36,7 +37,12 @@ SCENARIOS: dict[str, Callable[[], FakeNvml]] = {
 def main() -> int:
     scenario, config_path = sys.argv[1], Path(sys.argv[2])
     config = load_config(config_path)
-    return serve(config, gpu=NvmlBackend(SCENARIOS[scenario]()), config_path=config_path)
+    return serve(
+        config,
+        gpu=NvmlBackend(SCENARIOS[scenario]()),
+        runtime_probe=docker_probe(config.runtime.docker_host),
+        config_path=config_path,
+    )
 
 
 if __name__ == "__main__":
