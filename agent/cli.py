@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--address", metavar="HOST:PORT", help="health server address (default: health.listen)"
     )
+    jobs = with_config(sub.add_parser("jobs", help="jobs known to the running daemon"))
+    jobs.add_argument("--json", action="store_true", help="machine-readable output")
+    jobs.add_argument(
+        "--address", metavar="HOST:PORT", help="health server address (default: health.listen)"
+    )
     return parser
 
 
@@ -64,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _gpus(args.config, as_json=args.json)
         if args.command == "status":
             return _status(args.config, args.address, as_json=args.json)
+        if args.command == "jobs":
+            return _jobs(args.config, args.address, as_json=args.json)
     except ConfigError as exc:
         _print_config_problems(args.config, exc)
         return EX_CONFIG
@@ -90,12 +97,12 @@ def _run(path: Path | None) -> int:
     config = load_config(path)
     from agent.daemon import serve
     from agent.gpu.nvml import NvmlBackend
-    from agent.inventory import docker_probe
+    from agent.runtime.docker import DockerRuntime
 
     return serve(
         config,
         gpu=NvmlBackend(),
-        runtime_probe=docker_probe(config.runtime.docker_host),
+        runtime=DockerRuntime(config.runtime.docker_host),
         config_path=path or default_config_path(),
     )
 
@@ -138,13 +145,25 @@ def _gpus(path: Path | None, *, as_json: bool) -> int:
     return EX_OK
 
 
+def _health_address(path: Path | None, address: str | None) -> str:
+    if address is not None:
+        return address
+    config = _optional_config(path)
+    return config.health.listen if config else "127.0.0.1:8787"
+
+
+def _jobs(path: Path | None, address: str | None, *, as_json: bool) -> int:
+    from agent.statuscmd import fetch_status, render_jobs
+
+    jobs = fetch_status(_health_address(path, address)).get("jobs") or []
+    print(json.dumps(jobs, indent=2, sort_keys=True) if as_json else render_jobs(jobs))
+    return EX_OK
+
+
 def _status(path: Path | None, address: str | None, *, as_json: bool) -> int:
     from agent.statuscmd import fetch_status, render_status
 
-    if address is None:
-        config = _optional_config(path)
-        address = config.health.listen if config else "127.0.0.1:8787"
-    document = fetch_status(address)
+    document = fetch_status(_health_address(path, address))
     print(json.dumps(document, indent=2, sort_keys=True) if as_json else render_status(document))
     return EX_OK if document.get("healthy") else EX_FAIL
 

@@ -65,6 +65,8 @@ class SessionHandler(Protocol):
 
     async def on_invalid_assignment(self, link: Link, job_id: str, detail: str) -> None: ...
 
+    async def on_peer_error(self, link: Link, error: s.PeerError) -> None: ...
+
     def on_closed(self) -> None: ...
 
 
@@ -257,6 +259,7 @@ class Connection:
             await self._handler.on_invalid_assignment(self, event.job_id, event.detail)
         elif isinstance(event, s.PeerError):
             log.warning("control_plane_error", code=event.code, detail=event.detail, ref=event.ref)
+            await self._handler.on_peer_error(self, event)
         elif isinstance(event, s.Answered):
             log.warning("control_plane_bad_frame", answered=event.code, detail=event.detail)
         elif isinstance(event, s.Ignored):

@@ -22,7 +22,7 @@ import os
 import signal
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import structlog
 
 from agent import __version__, inventory, logs
 from agent.config import Config, ControlPlaneConfig, load_config
-from agent.connection import Connection, SessionHandler
+from agent.connection import Connection
 from agent.errors import AgentError, HealthServerError
 from agent.gpu.base import GpuBackend, GpuInventory, mark_allocatable
 from agent.health.facts import (
@@ -45,9 +45,10 @@ from agent.health.metrics import AgentCollector, build_registry, render
 from agent.health.server import Endpoints, HealthServer
 from agent.health.status import status_document
 from agent.hostinfo import HostSampler
-from agent.inventory import RuntimeSummary
-from agent.nojobs import NoJobs
+from agent.jobs.setup import JobSystem, build_jobs
+from agent.jobs.store import StoreError
 from agent.reload import plan_reload
+from agent.runtime.base import Runtime
 from agent.systemd import Notifier
 
 log = structlog.get_logger(__name__)
@@ -66,19 +67,15 @@ class Daemon:
         *,
         gpu: GpuBackend,
         notifier: Notifier,
-        runtime_probe: Callable[[], RuntimeSummary],
+        runtime: Runtime,
         config_path: Path | None = None,
-        handler: SessionHandler | None = None,
     ) -> None:
         self.config = config
         self._config_path = config_path
         self._gpu = gpu
         self._notifier = notifier
-        self._runtime_probe = runtime_probe
-        self._runtime = RuntimeSummary(
-            engine=config.runtime.engine, version=None, gpu_support=False
-        )
-        self._handler = handler or NoJobs()
+        self._runtime = runtime
+        self._jobs: JobSystem | None = None
         self.facts = NodeFacts()
         if config.control_plane is not None:
             self.facts.control_plane = ControlPlaneFacts(configured=True, state="disconnected")
@@ -124,8 +121,7 @@ class Daemon:
             self._spawn(self._sampler(), "sampler")
             self._spawn(self._state_dir_checker(), "state-dir-check")
             self._spawn(self._runtime_prober(), "runtime-probe")
-            if self.config.control_plane is not None:
-                self._spawn(self._connection(self.config.control_plane).run(), "control-plane")
+            self._spawn(self._jobs_and_link(), "jobs-and-control-plane")
             if self._notifier.watchdog_interval_s:
                 self._spawn(self._watchdog(self._notifier.watchdog_interval_s), "watchdog")
             await self._stop.wait()
@@ -139,7 +135,7 @@ class Daemon:
         self.facts.state_dir_problem = await asyncio.to_thread(
             prepare_state_dir, self.config.state_dir
         )
-        self._runtime = await asyncio.to_thread(self._runtime_probe)
+        self.facts.runtime = await asyncio.to_thread(self._runtime.info)
         await self._sample_once()
         self._health.start()
         host, port = self._health.address
@@ -164,6 +160,8 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self._jobs is not None:
+            await self._jobs.close()
         await asyncio.to_thread(self._health.stop)
         await asyncio.to_thread(self._gpu.close)
         log.info("agent_stopped")
@@ -204,15 +202,37 @@ class Daemon:
 
     # -- the owner loops ------------------------------------------------------------------
 
+    async def _jobs_and_link(self) -> None:
+        # No job store, no jobs: an agent that cannot record what it accepts must not
+        # take work. Until the store opens, /healthz says why and the link stays down.
+        while self._jobs is None:
+            try:
+                self._jobs = build_jobs(
+                    lambda: self.config,
+                    runtime=self._runtime,
+                    state_dir=self.config.state_dir,
+                    gpus=lambda: self.facts.gpus,
+                    node_cpus=lambda: self.facts.host.cpu_logical if self.facts.host else 1,
+                    gpu_support=lambda: bool(self.facts.runtime and self.facts.runtime.gpu_support),
+                )
+            except StoreError as exc:
+                log.error("job_store_unavailable", error=str(exc), retry_in_s=STATE_DIR_CHECK_S)
+                await asyncio.sleep(STATE_DIR_CHECK_S)
+        self._jobs.manager.on_change.append(self._publish_jobs)
+        self._publish_jobs()
+        if self.config.control_plane is not None:
+            await self._connection(self.config.control_plane).run()
+
     def _connection(self, cp: ControlPlaneConfig) -> Connection:
         def publish(facts: ControlPlaneFacts) -> None:
             self.facts.control_plane = facts
 
+        assert self._jobs is not None
         return Connection(
             cp,
-            hello=lambda jobs: inventory.hello(self.config, self.facts, self._runtime, jobs),
+            hello=lambda jobs: inventory.hello(self.config, self.facts, jobs),
             telemetry=lambda jobs: inventory.telemetry(self.facts, jobs),
-            handler=self._handler,
+            handler=self._jobs.manager,
             publish=publish,
             stats=self.facts.messages,
             user_agent=f"cloudbender-agent/{__version__}",
@@ -221,7 +241,7 @@ class Daemon:
     async def _runtime_prober(self) -> None:
         while True:
             await asyncio.sleep(RUNTIME_PROBE_S)
-            self._runtime = await asyncio.to_thread(self._runtime_probe)
+            self.facts.runtime = await asyncio.to_thread(self._runtime.info)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -237,6 +257,14 @@ class Daemon:
         inventory: GpuInventory = await asyncio.to_thread(self._gpu.snapshot)
         self.facts.gpus = mark_allocatable(inventory, self.config.gpus.allow)
         self.facts.host = await asyncio.to_thread(self._host_sampler.sample)
+        if self._jobs is not None:
+            # A GPU may have come back: let jobs waiting for GPUs look again.
+            self._jobs.ctx.resources_changed.fire()
+
+    def _publish_jobs(self) -> None:
+        assert self._jobs is not None
+        self.facts.jobs = tuple(self._jobs.manager.snapshot())
+        self.facts.jobs_ended = dict(self._jobs.manager.ended)
 
     async def _state_dir_checker(self) -> None:
         while True:
@@ -344,15 +372,13 @@ def serve(
     config: Config,
     *,
     gpu: GpuBackend,
-    runtime_probe: Callable[[], RuntimeSummary],
+    runtime: Runtime,
     config_path: Path | None = None,
 ) -> int:
     """Configure logging, run the daemon to completion, return the process exit status."""
     logs.configure(config.logging.level, config.logging.format)
     notifier = Notifier()
-    daemon = Daemon(
-        config, gpu=gpu, notifier=notifier, runtime_probe=runtime_probe, config_path=config_path
-    )
+    daemon = Daemon(config, gpu=gpu, notifier=notifier, runtime=runtime, config_path=config_path)
     try:
         asyncio.run(daemon.run())
     except HealthServerError as exc:

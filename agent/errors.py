@@ -10,25 +10,34 @@ to the low-level cause; only ``agent.cli`` turns them into exit codes.
     ├── GpuError             the GPU backend failed in a way the caller must see
     ├── HealthServerError    the loopback health server could not start (port taken, bad address)
     ├── DaemonUnreachable    a CLI command found no daemon answering on the health address
-    └── ContainerRuntimeError    the container engine failed or refused (agent.runtime)
-        ├── RuntimeUnavailable       the engine does not answer (daemon down, socket missing)
-        ├── ImageRefInvalid          an image reference or digest that cannot be parsed
-        ├── ImageNotFound            the image is not in the engine's local store
-        ├── ImageDigestMismatch      a local image for the ref lacks the pinned digest
-        ├── ImagePullFailed          a pull failed or did not finish in time
-        ├── ContainerCreateError     the job container could not be created
-        │   ├── InvalidContainerSpec     the spec breaks a rule (root user, reserved env, …)
-        │   ├── GpuUnsupported           GPUs requested, the engine has no NVIDIA support
-        │   ├── ContainerExists          a container with the job's name exists already
-        │   └── IsolationMismatch        read back, it differs from SECURITY.md §1: removed
-        ├── ContainerStartError      the engine would not start it (OCI runtime, GPU driver)
-        ├── ContainerNotFound        no container with that id
-        └── WaitTimeout              wait() gave up; the container is still running
+    ├── ContainerRuntimeError    the container engine failed or refused (agent.runtime)
+    │   ├── RuntimeUnavailable       the engine does not answer (daemon down, socket missing)
+    │   ├── ImageRefInvalid          an image reference or digest that cannot be parsed
+    │   ├── ImageNotFound            the image is not in the engine's local store
+    │   ├── ImageDigestMismatch      a local image for the ref lacks the pinned digest
+    │   ├── ImagePullFailed          a pull failed or did not finish in time
+    │   ├── ContainerCreateError     the job container could not be created
+    │   │   ├── InvalidContainerSpec     the spec breaks a rule (root user, reserved env, …)
+    │   │   ├── GpuUnsupported           GPUs requested, the engine has no NVIDIA support
+    │   │   ├── ContainerExists          a container with the job's name exists already
+    │   │   └── IsolationMismatch        read back, it differs from SECURITY.md §1: removed
+    │   ├── ContainerStartError      the engine would not start it (OCI runtime, GPU driver)
+    │   ├── ContainerNotFound        no container with that id
+    │   └── WaitTimeout              wait() gave up; the container is still running
+    └── ModelError           a job's model artifact could not be provided (agent.models)
+        ├── ModelUnavailable         not delivered: unknown artifact, timeout, too large
+        │   └── ModelArchiveUnsafe       the archive breaks the safe-unpack rules, or is unreadable
+        ├── ModelChecksumMismatch    size or sha256 differ from the assignment or artifact.end
+        └── ModelStorageError        the spool or cache could not be written (disk full, …)
 
 Error messages never contain the control-plane token, nor registry credentials.
+Model errors name the artifact and what differed, never a host path; the job manager
+sends only their reason code (see :attr:`ModelError.reason`).
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class AgentError(Exception):
@@ -125,3 +134,45 @@ class ContainerNotFound(ContainerRuntimeError):
 
 class WaitTimeout(ContainerRuntimeError):
     """``wait`` gave up after its timeout; the container is still running."""
+
+
+class ModelError(AgentError):
+    """A job's model artifact could not be provided; the job ends ``failed``.
+
+    :attr:`reason` is the PROTOCOL.md §4 failure reason the job manager reports.
+    """
+
+    reason: str = "model_unavailable"
+
+
+class ModelUnavailable(ModelError):
+    """The artifact was not delivered: unknown to the control plane, not in time, or
+    larger than the node's model cache allows."""
+
+
+class ModelArchiveUnsafe(ModelUnavailable):
+    """The verified archive cannot be unpacked safely (an absolute path, ``..``, a link,
+    a device or FIFO, over the size or member caps) or is not a readable tar archive.
+
+    Reported as ``model_unavailable``: the bytes are exactly what the control plane
+    meant to send (their sha256 matched), but this node will not use them.
+    """
+
+
+class ModelChecksumMismatch(ModelError):
+    """The artifact's size or sha256 differ from the assignment's ``model`` or from
+    ``artifact.end`` (which must agree with the assignment)."""
+
+    reason = "model_checksum_mismatch"
+
+
+class ModelStorageError(ModelError):
+    """The spool or the model cache could not be written or read (disk full, permissions).
+
+    :attr:`reason` is ``no_space`` when the disk is full, else ``agent_error``.
+    """
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+        self.reason = "no_space" if errno_ in (errno.ENOSPC, errno.EDQUOT) else "agent_error"

@@ -8,8 +8,6 @@ report stays ``None`` (JSON ``null``).
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from agent import __version__
@@ -18,31 +16,6 @@ from agent.gpu.base import GpuInventory
 from agent.health.facts import NodeFacts
 from agent.protocol import PROTOCOL_VERSION
 from agent.protocol import messages as m
-
-
-@dataclass(frozen=True)
-class RuntimeSummary:
-    """``inventory.runtime`` of ``hello``."""
-
-    engine: str
-    version: str | None
-    gpu_support: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"engine": self.engine, "version": self.version, "gpu_support": self.gpu_support}
-
-
-def docker_probe(docker_host: str) -> Callable[[], RuntimeSummary]:
-    """A probe of the Docker engine for ``hello``; never raises (unreachable: no version)."""
-    from agent.runtime.docker import DockerRuntime
-
-    runtime = DockerRuntime(docker_host)
-
-    def probe() -> RuntimeSummary:
-        info = runtime.info()
-        return RuntimeSummary(info.engine, info.version, info.gpu_support)
-
-    return probe
 
 
 def _gpus_for_hello(inventory: GpuInventory | None) -> list[dict[str, Any]]:
@@ -67,7 +40,6 @@ def _gpus_for_hello(inventory: GpuInventory | None) -> list[dict[str, Any]]:
 def hello(
     config: Config,
     facts: NodeFacts,
-    runtime: RuntimeSummary,
     jobs: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """The ``hello`` for a new session. ``jobs``: unacknowledged jobs and their states."""
@@ -85,7 +57,11 @@ def hello(
                 "model": host.cpu_model if host else None,
             },
             "memory_total_mib": host.memory_total_mib if host else None,
-            "runtime": runtime.to_dict(),
+            "runtime": (
+                facts.runtime.to_dict()
+                if facts.runtime is not None
+                else {"engine": config.runtime.engine, "version": None, "gpu_support": False}
+            ),
         },
         datastores=[{"name": d.name, "description": d.description} for d in config.datastores],
         capacity={"max_concurrent_jobs": config.limits.max_concurrent_jobs},

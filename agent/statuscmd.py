@@ -95,7 +95,29 @@ def render_status(doc: dict[str, Any]) -> str:
         lines.append(f"{label:<14} {store.get('name')}{desc}")
     jobs = doc.get("jobs") or []
     lines.append(f"{'Jobs':<14} {len(jobs) or 'none'}")
+    if jobs:
+        lines.extend("  " + line for line in render_jobs(jobs).splitlines())
     return "\n".join(lines)
+
+
+def render_jobs(jobs: list[dict[str, Any]]) -> str:
+    """A table of jobs: id, state (with reason and exit code), age, GPUs, image."""
+    if not jobs:
+        return "No jobs."
+    rows = [("JOB", "STATE", "AGE", "GPUS", "IMAGE")]
+    for job in jobs:
+        state = str(job.get("state"))
+        if job.get("reason"):
+            state += f" ({job['reason']}"
+            state += f", exit {job['exit_code']})" if job.get("exit_code") is not None else ")"
+        gpus = ",".join(str(g)[:12] for g in job.get("gpus") or []) or "—"
+        age = _duration(float(job.get("age_s") or 0))
+        rows.append((str(job.get("job_id")), state, age, gpus, str(job.get("image") or "—")))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4]
+        for row in rows
+    )
 
 
 def _control_plane_lines(cp: dict[str, Any]) -> list[str]:

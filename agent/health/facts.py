@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.gpu.base import GpuInventory
 from agent.protocol.session import Stats
+from agent.runtime.base import RuntimeInfo
 
 # The loop ticks every LOOP_TICK_S; a loop silent for LOOP_STALL_S is considered hung.
 LOOP_TICK_S = 1.0
@@ -100,6 +102,11 @@ class NodeFacts:
     )
     # Messages in and out by type, across sessions; mutated only by the event loop.
     messages: Stats = field(default_factory=Stats)
+    runtime: RuntimeInfo | None = None
+    # Unacknowledged jobs as the job manager last published them, and ended-job counts
+    # by (state, reason).
+    jobs: tuple[dict[str, Any], ...] = ()
+    jobs_ended: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def assess(
@@ -127,6 +134,9 @@ def assess(
                 problems.append(
                     Problem(f"gpu_{gpu.health}", f"GPU {gpu.index} ({gpu.uuid}): {why}")
                 )
+    if facts.runtime is not None and not facts.runtime.reachable:
+        detail = f"container engine unreachable: {facts.runtime.error or 'no answer'}"
+        problems.append(Problem("container_engine_unreachable", detail))
     cp = facts.control_plane
     if cp.configured and cp.state != "connected":
         last = cp.last_contact if cp.last_contact is not None else facts.started_at

@@ -23,6 +23,17 @@ from agent.health.facts import NodeFacts, Problem
 MIB = 1024 * 1024
 GPU_LABELS = ["index", "uuid", "name"]
 HEALTH_STATES = ("ok", "degraded", "lost")
+JOB_STATES = (
+    "accepted",
+    "waiting",
+    "preparing",
+    "running",
+    "uploading",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "timed_out",
+)
 
 
 class AgentCollector(Collector):
@@ -79,8 +90,30 @@ class AgentCollector(Collector):
             for kind, count in sorted(counts.items()):
                 messages.add_metric([direction, kind], count)
         yield messages
+        yield from self._job_metrics()
         yield from self._gpu_metrics()
         yield from self._host_metrics()
+
+    def _job_metrics(self) -> Iterator[Metric]:
+        current = GaugeMetricFamily(
+            "cloudbender_jobs",
+            "Jobs the control plane has not acknowledged yet, by state.",
+            labels=["state"],
+        )
+        counts: dict[str, int] = dict.fromkeys(JOB_STATES, 0)
+        for job in self._facts.jobs:
+            counts[job["state"]] = counts.get(job["state"], 0) + 1
+        for state, count in counts.items():
+            current.add_metric([state], count)
+        yield current
+        ended = CounterMetricFamily(
+            "cloudbender_jobs_ended",
+            "Jobs ended since the agent started, by terminal state and reason.",
+            labels=["state", "reason"],
+        )
+        for (state, reason), count in sorted(self._facts.jobs_ended.items()):
+            ended.add_metric([state, reason], count)
+        yield ended
 
     def _gpu_metrics(self) -> Iterator[Metric]:
         inventory = self._facts.gpus

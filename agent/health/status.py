@@ -43,5 +43,6 @@ def status_document(facts: NodeFacts, config: Config, problems: list[Problem]) -
         "gpus": facts.gpus.to_dict() if facts.gpus is not None else None,
         "host": facts.host.to_dict() if facts.host is not None else None,
         "datastores": [{"name": d.name, "description": d.description} for d in config.datastores],
-        "jobs": [],
+        "runtime": facts.runtime.to_dict() if facts.runtime is not None else None,
+        "jobs": [{**job, "age_s": round(now - job["created_at"], 1)} for job in facts.jobs],
     }

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from agent.config import load_config
 from agent.daemon import serve
 from agent.gpu.nvml import NvmlBackend
-from agent.inventory import docker_probe
+from agent.runtime.docker import DockerRuntime
 from tests.fakes.nvml import FakeNvml, two_gpu_fake
 
 
@@ -40,7 +40,7 @@ def main() -> int:
     return serve(
         config,
         gpu=NvmlBackend(SCENARIOS[scenario]()),
-        runtime_probe=docker_probe(config.runtime.docker_host),
+        runtime=DockerRuntime(config.runtime.docker_host),
         config_path=config_path,
     )
 

@@ -12,7 +12,7 @@ from agent.config import parse_config
 from agent.connection import Connection, Link
 from agent.health.facts import ControlPlaneFacts
 from agent.protocol import messages as m
-from agent.protocol.session import Stats
+from agent.protocol.session import PeerError, Stats
 from tests.helpers.env import free_port, seconds, valid_config
 
 AGENTS = 50
@@ -30,6 +30,9 @@ class _Quiet:
         return None
 
     async def on_invalid_assignment(self, link: Link, job_id: str, detail: str) -> None:
+        return None
+
+    async def on_peer_error(self, link: Link, error: PeerError) -> None:
         return None
 
     def on_closed(self) -> None:

@@ -1,0 +1,1 @@
+"""Jobs: admission, the state machine, one runner per job, the durable store."""

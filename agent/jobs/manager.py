@@ -1,0 +1,259 @@
+"""The job manager: the session handler for jobs (PROTOCOL.md §4).
+
+It answers ``job.assign`` (idempotent; admission policy; slots), ``job.cancel`` and
+``job.ack``; runs one :class:`~agent.jobs.runner.JobRunner` task per job; and is the one
+place a job changes state (:meth:`JobManager._transition`): the store first, then
+``job.state`` to the control plane when a session is up. After every ``welcome`` it
+sends the current state of every job listed in ``hello.jobs``.
+
+Slots: a job holds one of ``limits.max_concurrent_jobs`` slots from acceptance until it
+ends; an assignment when every slot is held is rejected ``no_capacity``. A job with a
+slot whose GPUs are leased to other jobs is ``waiting``. (PROTOCOL.md names both; this
+is how the agent reads them, documented in docs/control-plane.md.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from agent.config import Config
+from agent.connection import Link
+from agent.errors import AgentError
+from agent.gpu.base import GpuInventory
+from agent.jobs.admission import Admitted, Rejected, admit
+from agent.jobs.model import ORDER, State, check_transition
+from agent.jobs.runner import JobRunner, RunnerContext
+from agent.jobs.store import JobRecord, JobStore
+from agent.jobs.uplink import Uplink
+from agent.protocol import messages as m
+from agent.protocol.session import PeerError
+
+log = structlog.get_logger(__name__)
+
+
+class JobManager:
+    def __init__(
+        self,
+        *,
+        config: Callable[[], Config],
+        store: JobStore,
+        ctx: RunnerContext,
+        uplink: Uplink,
+        node_cpus: Callable[[], int],
+        gpu_support: Callable[[], bool],
+        gpus: Callable[[], GpuInventory | None],
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._ctx = ctx
+        self.uplink = uplink
+        self._node_cpus = node_cpus
+        self._gpu_support = gpu_support
+        self._gpus = gpus
+        self._records: dict[str, JobRecord] = {r.job_id: r for r in store.unacknowledged()}
+        self._runners: dict[str, JobRunner] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.ended = Counter[tuple[str, str]]()
+        self.routes: list[Callable[[m.Incoming], bool]] = []
+        self.error_routes: list[Callable[[m.ErrorMessage], bool]] = []
+        self.on_session: list[Callable[[], None]] = []
+        # Called after every change of the job list, for /status and metrics.
+        self.on_change: list[Callable[[], None]] = []
+
+    # -- SessionHandler -----------------------------------------------------------------
+
+    def hello_jobs(self) -> list[dict[str, str]]:
+        return [{"job_id": r.job_id, "state": r.state.value} for r in self._records.values()]
+
+    async def on_established(self, link: Link) -> None:
+        self.uplink.attach(link)
+        for record in list(self._records.values()):
+            await self._send_state(record)
+        for hook in self.on_session:
+            hook()
+
+    def on_closed(self) -> None:
+        self.uplink.detach()
+
+    async def on_message(self, link: Link, message: m.Incoming) -> None:
+        if isinstance(message, m.JobAssign):
+            await self._assign(message)
+        elif isinstance(message, m.JobCancel):
+            await self._cancel(message.job_id)
+        elif isinstance(message, m.JobAck):
+            await self._ack(message.job_id)
+        elif not any(route(message) for route in self.routes):
+            job_id = getattr(message, "job_id", None)
+            if job_id is not None and not isinstance(message, m.ArtifactChunk):
+                await self.uplink.send(m.error("unknown_job", job_id, ref=message.type))
+            else:
+                log.info("message_dropped", type=type(message).__name__)
+
+    async def on_invalid_assignment(self, link: Link, job_id: str, detail: str) -> None:
+        await self.uplink.send(m.job_rejected(job_id, "bad_spec", detail))
+
+    async def on_peer_error(self, link: Link, error: PeerError) -> None:
+        message = m.ErrorMessage(type="error", code=error.code, detail=error.detail, ref=error.ref)
+        for route in self.error_routes:
+            if route(message):
+                return
+
+    # -- assign / cancel / ack ----------------------------------------------------------
+
+    async def _assign(self, assign: m.JobAssign) -> None:
+        job_id = assign.job_id
+        known = self._records.get(job_id) or self._store.get(job_id)
+        if known is not None:
+            if known.state.terminal:
+                await self._reject(job_id, "duplicate_job", f"job {job_id} has already ended")
+            else:  # a repeat: the job exists, nothing more to start
+                await self.uplink.send(m.job_accepted(job_id))
+            return
+        config = self._config()
+        decision = admit(
+            assign,
+            config,
+            node_cpus=self._node_cpus(),
+            gpus=self._gpus(),
+            gpu_support=self._gpu_support(),
+        )
+        if isinstance(decision, Rejected):
+            await self._reject(job_id, decision.code, decision.detail)
+            return
+        if self.active() >= config.limits.max_concurrent_jobs:
+            slots = config.limits.max_concurrent_jobs
+            await self._reject(job_id, "no_capacity", f"all {slots} job slots are busy")
+            return
+        now = time.time()
+        assignment = assign.model_dump(exclude={"image": {"auth"}}, exclude_none=True)
+        record = JobRecord(job_id, State.ACCEPTED, assignment, created_at=now, updated_at=now)
+        try:
+            self._store.insert(record)
+        except AgentError as exc:
+            log.error("job_store_failed", job_id=job_id, error=str(exc))
+            await self._reject(job_id, "no_space", "the node cannot record the job")
+            return
+        self._records[job_id] = record
+        self._changed()
+        log.info("job_accepted", job_id=job_id, image=assign.image.ref, datastore=assign.datastore)
+        await self.uplink.send(m.job_accepted(job_id))
+        await self._send_state(record)
+        self._start(decision)
+
+    async def _reject(self, job_id: str, code: str, detail: str) -> None:
+        log.info("job_rejected", job_id=job_id, code=code, detail=detail)
+        await self.uplink.send(m.job_rejected(job_id, code, detail))
+
+    def _start(self, job: Admitted) -> None:
+        runner = JobRunner(self._ctx, job, lambda s, r, e: self._transition(job.job_id, s, r, e))
+        self._runners[job.job_id] = runner
+        task = asyncio.create_task(runner.run(), name=f"job-{job.job_id}")
+        self._tasks[job.job_id] = task
+        task.add_done_callback(lambda _t: self._forget_runner(job.job_id))
+
+    def _forget_runner(self, job_id: str) -> None:
+        self._runners.pop(job_id, None)
+        self._tasks.pop(job_id, None)
+
+    async def _cancel(self, job_id: str) -> None:
+        record = self._records.get(job_id) or self._store.get(job_id)
+        if record is None:
+            await self.uplink.send(m.error("unknown_job", job_id, ref="job.cancel"))
+            return
+        runner = self._runners.get(job_id)
+        if record.state.terminal or runner is None:
+            return  # cancelling an ended job changes nothing
+        log.info("job_cancel_requested", job_id=job_id, state=record.state.value)
+        runner.cancel_requested.set()
+
+    async def _ack(self, job_id: str) -> None:
+        record = self._records.get(job_id) or self._store.get(job_id)
+        if record is None:
+            await self.uplink.send(m.error("unknown_job", job_id, ref="job.ack"))
+            return
+        if not record.state.terminal:
+            log.warning("job_ack_before_end", job_id=job_id, state=record.state.value)
+            return
+        if record.acked_at is None:
+            record.acked_at = time.time()
+            self._store.update(record)
+        self._records.pop(job_id, None)
+        self._changed()
+        log.info("job_acknowledged", job_id=job_id)
+
+    # -- the one place a job changes state -------------------------------------------------
+
+    async def _transition(
+        self, job_id: str, state: State, reason: str | None, exit_code: int | None
+    ) -> None:
+        record = self._records[job_id]
+        if not state.terminal and ORDER.index(state) <= ORDER.index(record.state):
+            return  # a re-adopted job repeating a step it had already reported
+        check_transition(record.state, state, reason)
+        now = time.time()
+        record.state, record.reason, record.exit_code = state, reason, exit_code
+        record.updated_at = now
+        runner = self._runners.get(job_id)
+        if runner is not None:
+            record.container_id, record.gpu_uuids = runner.container_id, runner.gpus
+        if state.terminal:
+            record.ended_at = now
+            self.ended[(state.value, reason or "")] += 1
+        self._store.update(record)
+        self._changed()
+        log.info("job_state", job_id=job_id, state=state.value, reason=reason, exit_code=exit_code)
+        await self._send_state(record)
+
+    def _changed(self) -> None:
+        for hook in self.on_change:
+            hook()
+
+    async def _send_state(self, record: JobRecord) -> None:
+        await self.uplink.send(
+            m.job_state(
+                record.job_id,
+                record.state.value,
+                record.updated_at,
+                reason=record.reason,
+                exit_code=record.exit_code,
+            )
+        )
+
+    # -- views ------------------------------------------------------------------------
+
+    def active(self) -> int:
+        """Jobs holding a slot: accepted and not yet ended."""
+        return sum(1 for r in self._records.values() if not r.state.terminal)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every unacknowledged job, for /status and ``cloudbender-agent jobs``."""
+        out = []
+        for record in self._records.values():
+            runner = self._runners.get(record.job_id)
+            image = record.assignment.get("image", {}).get("ref")
+            out.append(
+                {
+                    "job_id": record.job_id,
+                    "state": record.state.value,
+                    "reason": record.reason,
+                    "exit_code": record.exit_code,
+                    "created_at": record.created_at,
+                    "image": image,
+                    "datastore": record.assignment.get("datastore"),
+                    "gpus": list(runner.gpus if runner else record.gpu_uuids),
+                }
+            )
+        return out
+
+    async def stop(self) -> None:
+        """Stop the runners (containers keep running: they are re-adopted at start)."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

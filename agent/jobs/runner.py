@@ -1,0 +1,322 @@
+"""One job's life, from a free slot to its terminal state.
+
+``accepted → [waiting] → preparing → running → uploading → succeeded`` or an ending from
+any of them. The runner owns the job's container, GPU lease and model reference, and
+releases all three in ``finally`` whatever happens. Every state change goes through
+the manager's ``transition`` callback (store, ``job.state``, metrics) and nowhere else.
+
+Cancellation (``job.cancel``) and the timeout are not ``Task.cancel()``: the container
+runs in the engine, not in this task, so the runner races each long wait against the
+cancel event and then stops the container through the engine (SIGTERM, the grace
+period, SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from agent.errors import (
+    AgentError,
+    ContainerCreateError,
+    ContainerRuntimeError,
+    ImageDigestMismatch,
+    ImageNotFound,
+    ImagePullFailed,
+    ModelError,
+    WaitTimeout,
+)
+from agent.jobs.admission import Admitted
+from agent.jobs.gpus import GpuLeases
+from agent.jobs.model import State
+from agent.runtime.base import ContainerSpec, ContainerState, Runtime
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+WAIT_SLICE_S = 1.0
+
+Transition = Callable[[State, str | None, int | None], Awaitable[None]]
+
+
+class JobEnded(Exception):
+    """Raised inside the runner to end the job in a terminal state."""
+
+    def __init__(self, state: State, reason: str, exit_code: int | None = None) -> None:
+        super().__init__(f"{state.value}/{reason}")
+        self.state, self.reason, self.exit_code = state, reason, exit_code
+
+
+class Signal:
+    """A one-shot broadcast, re-armed on use: "GPUs were released or came back"."""
+
+    def __init__(self) -> None:
+        self._next: asyncio.Future[None] | None = None
+
+    def next(self) -> asyncio.Future[None]:
+        """A future resolved at the next :meth:`fire`."""
+        if self._next is None or self._next.done():
+            self._next = asyncio.get_running_loop().create_future()
+        return self._next
+
+    def fire(self) -> None:
+        if self._next is not None and not self._next.done():
+            self._next.set_result(None)
+        self._next = None
+
+
+@dataclass
+class RunnerContext:
+    """What every runner shares; owned by the job manager."""
+
+    runtime: Runtime
+    leases: GpuLeases
+    node_id: str
+    job_user: str
+    jobs_dir: Path
+    stop_grace_s: Callable[[], float]
+    allow_pull: Callable[[], bool]
+    gpu_inventory: Callable[[], Any]
+    resources_changed: Signal
+    wait_pool: ThreadPoolExecutor
+    acquire_model: Callable[[str, Any, float], Awaitable[Path]] | None = None
+    release_model: Callable[[str], None] | None = None
+    deliver_results: Callable[[str, Path, Admitted], Awaitable[None]] | None = None
+    on_container: Callable[[str, str, tuple[str, ...]], None] | None = None
+    pull_timeout_s: float = 1800.0
+
+
+class JobRunner:
+    def __init__(self, ctx: RunnerContext, job: Admitted, transition: Transition) -> None:
+        self._ctx = ctx
+        self._job = job
+        self._transition = transition
+        self.cancel_requested = asyncio.Event()
+        self.container_id: str | None = None
+        self.gpus: tuple[str, ...] = ()
+
+    @property
+    def job_id(self) -> str:
+        return self._job.job_id
+
+    def output_dir(self) -> Path:
+        return self._ctx.jobs_dir / self.job_id / "output"
+
+    async def run(self) -> None:
+        """Drive the job to its terminal state. Never raises, but ``CancelledError``.
+
+        Cancelling this task means the agent is shutting down, not that the job is
+        cancelled: the container is left running and the job keeps its state, to be
+        re-adopted at the next start (DESIGN.md §5).
+        """
+        try:
+            await self._run()
+        except JobEnded as end:
+            await self._end(end.state, end.reason, end.exit_code)
+        except AgentError as exc:
+            log.error("job_failed", job_id=self.job_id, error=str(exc))
+            await self._end(State.FAILED, "agent_error", None)
+        except asyncio.CancelledError:
+            log.info("job_left_running", job_id=self.job_id, container=self.container_id)
+            raise
+        except Exception:
+            log.exception("job_runner_crashed", job_id=self.job_id)
+            await self._end(State.FAILED, "agent_error", None)
+
+    async def _end(self, state: State, reason: str, exit_code: int | None) -> None:
+        # Clean up first: when the control plane hears that a job ended, its container,
+        # GPUs and slot are free.
+        try:
+            await self._cleanup()
+        finally:
+            await self._transition(state, reason, exit_code)
+
+    async def _run(self) -> None:
+        self.gpus = await self._lease_gpus()
+        await self._transition(State.PREPARING, None, None)
+        image_id = await self._until_cancelled(self._image())
+        model_dir = await self._model()
+        output = await asyncio.to_thread(_prepare_output, self.output_dir(), self._ctx.job_user)
+        spec = self._spec(image_id, model_dir, output)
+        try:
+            self.container_id = await asyncio.to_thread(self._ctx.runtime.create, spec)
+        except ContainerCreateError as exc:
+            log.error("container_create_failed", job_id=self.job_id, error=str(exc))
+            raise JobEnded(State.FAILED, "container_error") from exc
+        if self._ctx.on_container is not None:
+            self._ctx.on_container(self.job_id, self.container_id, self.gpus)
+        self._check_cancelled()
+        try:
+            await asyncio.to_thread(self._ctx.runtime.start, self.container_id)
+        except ContainerRuntimeError as exc:
+            log.error("container_start_failed", job_id=self.job_id, error=str(exc))
+            raise JobEnded(State.FAILED, "container_error") from exc
+        await self._transition(State.RUNNING, None, None)
+        exited = await self._wait_for_exit()
+        if exited.oom_killed:
+            raise JobEnded(State.FAILED, "oom_killed", exited.exit_code)
+        if exited.exit_code != 0:
+            raise JobEnded(State.FAILED, "exit_nonzero", exited.exit_code)
+        await self._transition(State.UPLOADING, None, None)
+        if self._ctx.deliver_results is not None:
+            await self._until_cancelled(
+                self._ctx.deliver_results(self.job_id, self.output_dir(), self._job)
+            )
+        raise JobEnded(State.SUCCEEDED, "completed", 0)
+
+    # -- steps ----------------------------------------------------------------------------
+
+    async def _lease_gpus(self) -> tuple[str, ...]:
+        job, ctx = self._job, self._ctx
+        waiting = False
+        while True:
+            # try_lease and taking the next signal happen with no await in between, so a
+            # release cannot slip through unnoticed.
+            lease = ctx.leases.try_lease(
+                job.job_id, job.gpu_count, job.gpu_types, ctx.gpu_inventory()
+            )
+            if lease is not None:
+                return lease
+            changed = ctx.resources_changed.next()
+            if not waiting:
+                waiting = True
+                await self._transition(State.WAITING, None, None)
+                log.info("job_waiting_for_gpus", job_id=job.job_id, count=job.gpu_count)
+            await self._until_cancelled(changed)
+
+    async def _image(self) -> str:
+        runtime, job = self._ctx.runtime, self._job
+        try:
+            image = await asyncio.to_thread(runtime.image_id, job.image_ref, job.image_digest)
+            if image is not None:
+                return image
+            if not self._ctx.allow_pull():
+                log.error("image_not_on_node", job_id=job.job_id, image=job.image_ref)
+                raise JobEnded(State.FAILED, "image_unavailable")
+            auth = job.image_auth.model_dump() if job.image_auth is not None else None
+            return await asyncio.to_thread(
+                runtime.pull, job.image_ref, job.image_digest, auth, self._ctx.pull_timeout_s
+            )
+        except ImageDigestMismatch as exc:
+            log.error("image_digest_mismatch", job_id=job.job_id, error=str(exc))
+            raise JobEnded(State.FAILED, "image_digest_mismatch") from exc
+        except (ImageNotFound, ImagePullFailed) as exc:
+            log.error("image_unavailable", job_id=job.job_id, error=str(exc))
+            raise JobEnded(State.FAILED, "image_unavailable") from exc
+
+    async def _model(self) -> Path | None:
+        model = self._job.model
+        if model is None or self._ctx.acquire_model is None:
+            return None
+        try:
+            return await self._until_cancelled(
+                self._ctx.acquire_model(self.job_id, model, float(self._job.timeout_s))
+            )
+        except ModelError as exc:
+            log.error("model_failed", job_id=self.job_id, reason=exc.reason, error=str(exc))
+            raise JobEnded(State.FAILED, exc.reason) from exc
+
+    def _spec(self, image_id: str, model_dir: Path | None, output: Path) -> ContainerSpec:
+        job = self._job
+        return ContainerSpec(
+            job_id=job.job_id,
+            node_id=self._ctx.node_id,
+            image=job.image_ref,
+            image_id=image_id,
+            command=job.command,
+            env=dict(job.env),
+            user=self._ctx.job_user,
+            data_dir=job.datastore.path,
+            model_dir=model_dir,
+            output_dir=output,
+            cpus=job.cpus,
+            memory_mib=job.memory_mib,
+            pids=job.pids,
+            tmp_mib=job.tmp_mib,
+            gpu_uuids=self.gpus,
+        )
+
+    async def _wait_for_exit(self) -> ContainerState:
+        """The container's end, or stop it on cancel or timeout and end the job so."""
+        assert self.container_id is not None
+        cid = self.container_id
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._job.timeout_s
+        while True:
+            waiting = loop.run_in_executor(self._ctx.wait_pool, self._wait_briefly, cid)
+            cancel = asyncio.ensure_future(self.cancel_requested.wait())
+            racers: set[asyncio.Future[Any]] = {waiting, cancel}
+            try:
+                done, _ = await asyncio.wait(
+                    racers,
+                    timeout=max(deadline - loop.time(), 0.0),
+                    return_when="FIRST_COMPLETED",
+                )
+            finally:
+                cancel.cancel()
+            if waiting in done and (exited := waiting.result()) is not None:
+                return exited
+            if cancel in done:
+                state, reason = State.CANCELLED, "cancel_requested"
+                break
+            if loop.time() >= deadline:
+                state, reason = State.TIMED_OUT, "timeout"
+                break
+        log.info("job_stopping", job_id=self.job_id, why=reason)
+        await asyncio.to_thread(self._ctx.runtime.stop, cid, self._ctx.stop_grace_s())
+        while (exited := await loop.run_in_executor(None, self._wait_briefly, cid)) is None:
+            pass
+        raise JobEnded(state, reason, exited.exit_code)
+
+    def _wait_briefly(self, cid: str) -> ContainerState | None:
+        # Waits are short and repeated rather than one long blocking call: a thread
+        # blocked on a container that outlives the agent would hold up its exit.
+        try:
+            return self._ctx.runtime.wait(cid, WAIT_SLICE_S)
+        except WaitTimeout:
+            return None
+
+    async def _until_cancelled(self, awaitable: Awaitable[T]) -> T:
+        """Await ``awaitable`` unless the job is cancelled first (then end it cancelled)."""
+        work = asyncio.ensure_future(awaitable)
+        cancel = asyncio.ensure_future(self.cancel_requested.wait())
+        try:
+            await asyncio.wait({work, cancel}, return_when="FIRST_COMPLETED")
+        finally:
+            cancel.cancel()
+            if not work.done():
+                work.cancel()
+        if work.done() and not work.cancelled():
+            return work.result()
+        raise JobEnded(State.CANCELLED, "cancel_requested")
+
+    def _check_cancelled(self) -> None:
+        if self.cancel_requested.is_set():
+            raise JobEnded(State.CANCELLED, "cancel_requested")
+
+    async def _cleanup(self) -> None:
+        if self.container_id is not None:
+            try:
+                await asyncio.to_thread(self._ctx.runtime.remove, self.container_id)
+            except ContainerRuntimeError as exc:
+                log.error("container_remove_failed", job_id=self.job_id, error=str(exc))
+        if self._ctx.release_model is not None:
+            self._ctx.release_model(self.job_id)
+        self._ctx.leases.release(self.job_id)
+        self._ctx.resources_changed.fire()
+
+
+def _prepare_output(path: Path, job_user: str) -> Path:
+    """The job's output directory, empty, owned by the job's user, mode 0700."""
+    uid, gid = (int(x) for x in job_user.split(":"))
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, exist_ok=True)
+    os.chown(path, uid, gid)
+    return path

@@ -1,0 +1,173 @@
+"""The durable job store: SQLite (WAL) in the state directory.
+
+Holds every job the control plane has not yet acknowledged, and the ids of ended jobs
+for at least :data:`REMEMBER_S` (7 days, PROTOCOL.md §4), so that a repeated
+``job.assign`` is answered ``duplicate_job`` even after a restart. Credentials are
+never stored: the assignment is kept without ``image.auth``.
+
+Every write commits with ``synchronous=FULL``: a state the agent has reported must
+survive a power cut. Writes are small and rare (one per job transition), so they run
+on the caller's thread; the store is used by the daemon's event loop only.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.errors import AgentError
+from agent.jobs.model import State
+
+REMEMBER_S = 7 * 24 * 3600
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id       TEXT PRIMARY KEY,
+    state        TEXT NOT NULL,
+    reason       TEXT,
+    exit_code    INTEGER,
+    assignment   TEXT NOT NULL,
+    container_id TEXT,
+    gpu_uuids    TEXT NOT NULL DEFAULT '[]',
+    created_at   REAL NOT NULL,
+    updated_at   REAL NOT NULL,
+    ended_at     REAL,
+    acked_at     REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_unacked ON jobs (acked_at) WHERE acked_at IS NULL;
+"""
+
+
+class StoreError(AgentError):
+    """The job store cannot be opened or written (disk full, read-only, corrupt)."""
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    state: State
+    assignment: dict[str, Any]
+    created_at: float
+    updated_at: float
+    reason: str | None = None
+    exit_code: int | None = None
+    container_id: str | None = None
+    gpu_uuids: tuple[str, ...] = ()
+    ended_at: float | None = None
+    acked_at: float | None = None
+
+    def state_message_fields(self) -> dict[str, Any]:
+        """``state``/``reason``/``exit_code`` as a ``job.state`` carries them."""
+        out: dict[str, Any] = {"state": self.state.value}
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.exit_code is not None:
+            out["exit_code"] = self.exit_code
+        return out
+
+
+def _row(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        job_id=row["job_id"],
+        state=State(row["state"]),
+        assignment=json.loads(row["assignment"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        reason=row["reason"],
+        exit_code=row["exit_code"],
+        container_id=row["container_id"],
+        gpu_uuids=tuple(json.loads(row["gpu_uuids"])),
+        ended_at=row["ended_at"],
+        acked_at=row["acked_at"],
+    )
+
+
+class JobStore:
+    def __init__(self, path: Path) -> None:
+        try:
+            self._db = sqlite3.connect(str(path), isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"job store {path} cannot be opened: {exc}") from exc
+        path.chmod(0o600)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+        try:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise StoreError(f"job store write failed: {exc}") from exc
+
+    def insert(self, record: JobRecord) -> None:
+        """Record a newly accepted job. Raises :class:`StoreError` when it cannot."""
+        self._write(
+            "INSERT INTO jobs (job_id, state, assignment, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (
+                record.job_id,
+                record.state.value,
+                json.dumps(record.assignment),
+                record.created_at,
+                record.updated_at,
+            ),
+        )
+
+    def update(self, record: JobRecord) -> None:
+        """Persist the record's state, reason, exit code, container and GPUs."""
+        self._write(
+            "UPDATE jobs SET state=?, reason=?, exit_code=?, container_id=?, gpu_uuids=?, "
+            "updated_at=?, ended_at=?, acked_at=? WHERE job_id=?",
+            (
+                record.state.value,
+                record.reason,
+                record.exit_code,
+                record.container_id,
+                json.dumps(list(record.gpu_uuids)),
+                record.updated_at,
+                record.ended_at,
+                record.acked_at,
+                record.job_id,
+            ),
+        )
+
+    def get(self, job_id: str) -> JobRecord | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE job_id=?", (job_id,)).fetchone()
+        return None if row is None else _row(row)
+
+    def unacknowledged(self) -> list[JobRecord]:
+        """Jobs whose terminal state the control plane has not acknowledged, oldest first."""
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE acked_at IS NULL ORDER BY created_at, job_id"
+        ).fetchall()
+        return [_row(r) for r in rows]
+
+    def forget_old(self, now: float | None = None) -> int:
+        """Drop acknowledged jobs that ended more than 7 days ago; return how many."""
+        cutoff = (time.time() if now is None else now) - REMEMBER_S
+        try:
+            with self._db:
+                cursor = self._db.execute(
+                    "DELETE FROM jobs WHERE acked_at IS NOT NULL AND ended_at < ?", (cutoff,)
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"job store write failed: {exc}") from exc
+        return int(cursor.rowcount)
+
+    def writable(self) -> bool:
+        """A cheap write probe for health: False when the database refuses writes."""
+        try:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            return False
+        return True

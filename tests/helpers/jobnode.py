@@ -1,0 +1,138 @@
+"""A node under test: the reference control plane and a real agent process, on loopback.
+
+Jobs run on the real Docker engine with the local busybox test image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+
+from agent.controlplane import ThreadedControlPlane
+from tests.helpers.env import seconds, valid_config, write_config
+from tests.helpers.proc import AgentProcess, running_agent
+
+TOKEN = "s3cr3t-token-for-tests-0123456789"
+IMAGE = "cloudbender-test/busybox:latest"
+TERMINAL = {"succeeded", "failed", "cancelled", "timed_out"}
+
+
+@dataclass
+class JobNode:
+    cp: ThreadedControlPlane
+    agent: AgentProcess
+    node_id: str
+    state_dir: Path
+    data_dir: Path
+    docker: docker.DockerClient
+
+    def assign(self, job_id: str, script: str | None = None, **fields: Any) -> None:
+        message: dict[str, Any] = {
+            "type": "job.assign",
+            "job_id": job_id,
+            "image": {"ref": IMAGE},
+            "datastore": "vitals",
+        }
+        if script is not None:
+            message["command"] = ["sh", "-c", script]
+        message.update(fields)
+        self.cp.send(self.node_id, message)
+
+    def reply(self, job_id: str, timeout: float = 20) -> dict[str, Any]:
+        """The first job.accepted or job.rejected for ``job_id``."""
+        deadline = time.monotonic() + seconds(timeout)
+        while time.monotonic() < deadline:
+            node = self.cp.node(self.node_id)
+            assert node is not None
+            for received in node.messages:
+                if received.type in ("job.accepted", "job.rejected") and (
+                    received.data.get("job_id") == job_id
+                ):
+                    return received.data
+            time.sleep(0.02)
+        raise AssertionError(f"no answer to job.assign {job_id}")
+
+    def messages(self, kind: str, job_id: str) -> list[dict[str, Any]]:
+        node = self.cp.node(self.node_id)
+        assert node is not None
+        return [m for m in node.of_type(kind) if m.get("job_id") == job_id]
+
+    def states(self, job_id: str) -> list[str]:
+        return [m["state"] for m in self.messages("job.state", job_id)]
+
+    def wait_state(self, job_id: str, state: str, timeout: float = 60) -> dict[str, Any]:
+        return self.cp.wait_for_message(
+            self.node_id,
+            "job.state",
+            predicate=lambda m: m["job_id"] == job_id and m["state"] == state,
+            timeout=seconds(timeout),
+        )
+
+    def wait_end(self, job_id: str, timeout: float = 60) -> dict[str, Any]:
+        return self.cp.wait_for_message(
+            self.node_id,
+            "job.state",
+            predicate=lambda m: m["job_id"] == job_id and m["state"] in TERMINAL,
+            timeout=seconds(timeout),
+        )
+
+    def containers(self, job_id: str | None = None) -> list[Any]:
+        labels = [f"cloudbender.node-id={self.node_id}"]
+        if job_id is not None:
+            labels.append(f"cloudbender.job-id={job_id}")
+        return list(self.docker.containers.list(all=True, filters={"label": labels}))
+
+    def wait_container(self, job_id: str, status: str = "running", timeout: float = 30) -> Any:
+        deadline = time.monotonic() + seconds(timeout)
+        while time.monotonic() < deadline:
+            found = self.containers(job_id)
+            if found and found[0].status == status:
+                return found[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no {status} container for {job_id}")
+
+    def output_dir(self, job_id: str) -> Path:
+        return self.state_dir / "jobs" / job_id / "output"
+
+
+@contextlib.contextmanager
+def job_node(
+    tmp_path: Path, client: docker.DockerClient, *, heartbeat_s: float = 15, **overrides: Any
+) -> Iterator[JobNode]:
+    """Start a control plane and an agent whose config ``overrides`` may amend per section."""
+    node_id = f"jobs-{uuid.uuid4().hex[:10]}"
+    cp = ThreadedControlPlane(tokens={TOKEN: node_id}, heartbeat_s=heartbeat_s)
+    cp.start()
+    config = valid_config(tmp_path)
+    data_dir = Path(config["datastores"][0]["path"])
+    data_dir.chmod(0o755)  # the job runs as nobody: the consumer makes data readable to it
+    (data_dir / "vitals.csv").write_text("patient,hr\n1,80\n2,95\n")
+    (data_dir / "vitals.csv").chmod(0o644)
+    config["node"]["id"] = node_id
+    config["control_plane"]["url"] = cp.url
+    config["control_plane"]["reconnect"] = {"initial_s": 0.2, "max_s": 2}
+    config["runtime"] = {"allowed_images": ["cloudbender-test/*"], "pull": False, "stop_grace_s": 2}
+    config["limits"] = {"max_concurrent_jobs": 2, "max_memory_mib": 256, "max_cpus": 1}
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            config.setdefault(section, {}).update(values)
+        else:
+            config[section] = values
+    port = int(config["health"]["listen"].rsplit(":", 1)[1])
+    try:
+        with running_agent(write_config(tmp_path, config), port, tmp_path) as agent:
+            cp.wait_for_node(node_id, timeout=seconds(20))
+            yield JobNode(cp, agent, node_id, Path(config["state_dir"]), data_dir, client)
+    finally:
+        cp.stop()
+        for container in client.containers.list(
+            all=True, filters={"label": f"cloudbender.node-id={node_id}"}
+        ):
+            container.remove(force=True)
