@@ -7,32 +7,57 @@ connection (hello, welcome, heartbeats, error answers), hands application messag
 retried is decided by :func:`agent.protocol.retry.classify`, nowhere else.
 
 The token is read from its file at every dial (so a rotated token is picked up without a
-restart), registered with the log scrubber, and sent only in the upgrade request.
+restart), registered with the log scrubber, and sent only in the upgrade request. The
+TLS context is built at every dial too. Neither the token nor the text of a handshake
+exception (which may quote request headers) ever reaches ``/status``.
+
+The dial: no redirects are followed (a 3xx is a failed dial); no proxy for ``ws://`` or
+a loopback host (a proxy would see the token, or could not reach our loopback), the
+system's proxy settings otherwise.
+
+Close codes the agent sends: 1000 after ``unsupported_protocol``; 1001 when the agent
+stops; 1002 for a missing subprotocol, no ``welcome`` or an invalid one; 1011 when the
+agent fails during the session (a heartbeat that cannot be built, a handler's bug) or a
+pong is missing; websockets' own 1007 / 1009 for invalid UTF-8 / a frame over 16 MiB.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
-import os
-import ssl
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+from urllib.parse import urlsplit
 
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidProxy,
+    InvalidStatus,
+    InvalidURI,
+)
+from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from agent import logs
-from agent.config import ControlPlaneConfig
+from agent.config import ControlPlaneConfig, is_loopback_host
 from agent.health.facts import ControlPlaneFacts
-from agent.protocol import MAX_HEADER, MAX_INCOMING_FRAME, SUBPROTOCOL
+from agent.link_report import LinkReport
+from agent.protocol import MAX_INCOMING_FRAME, SUBPROTOCOL
 from agent.protocol import messages as m
 from agent.protocol import session as s
-from agent.protocol.retry import Backoff, Cause, Decision, classify
+from agent.protocol.retry import (
+    Backoff,
+    Cause,
+    Ended,
+    classify,
+    dial_failure_words,
+    ended_by_close,
+)
+from agent.tls import TlsSettingError, client_context
+from agent.token_file import TokenFileError, read_token
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +65,7 @@ KEEPALIVE_S = 20.0  # PROTOCOL.md §1: ping every 20 s, no pong in 20 s ends the
 OPEN_TIMEOUT_S = 15.0
 WELCOME_TIMEOUT_S = 30.0
 CLOSE_TIMEOUT_S = 5.0
+STOP_CLOSE_S = 2.0  # how long a stopping agent waits for the control plane's close frame
 
 
 class Link(Protocol):
@@ -55,6 +81,7 @@ class SessionHandler(Protocol):
 
     Callbacks run on the receive path: they must return quickly and leave long work to
     tasks of their own, or the session stops reading (and keepalive pongs are delayed).
+    An exception from a callback ends the session (logged, close 1011, reconnect).
     """
 
     def hello_jobs(self) -> list[dict[str, str]]: ...
@@ -70,22 +97,25 @@ class SessionHandler(Protocol):
     def on_closed(self) -> None: ...
 
 
-class _Ended(Exception):
-    def __init__(
-        self,
-        cause: Cause,
-        *,
-        http_status: int | None = None,
-        close_code: int | None = None,
-        detail: str | None = None,
-    ) -> None:
-        super().__init__(cause.value)
-        self.cause, self.http_status, self.close_code, self.detail = (
-            cause,
-            http_status,
-            close_code,
-            detail,
-        )
+class _NoRedirects(connect):
+    """websockets' ``connect`` that follows no redirect: a 3xx is a failed dial.
+
+    A control plane's URL is configured, not discovered; a redirect could downgrade
+    ``wss://`` to a proxy-visible path or carry the token to another origin's logs.
+    """
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
+def proxy_for(url: str) -> Literal[True] | None:
+    """websockets' ``proxy`` argument for ``url``: the system's (``True``) for ``wss://``
+    to a non-loopback host; none for ``ws://`` (the proxy would read the token) or for a
+    loopback host (a proxy cannot reach this machine's loopback)."""
+    parts = urlsplit(url)
+    if parts.scheme != "wss" or is_loopback_host(parts.hostname or ""):
+        return None
+    return True
 
 
 class Connection:
@@ -107,130 +137,154 @@ class Connection:
         self._hello = hello
         self._telemetry = telemetry
         self._handler = handler
-        self._publish = publish
+        self._report = LinkReport(publish)
         self._stats = stats
         self._user_agent = user_agent
         self._backoff = backoff or Backoff(config.reconnect.initial_s, config.reconnect.max_s)
-        self.facts = ControlPlaneFacts(configured=True, state="disconnected")
         self._ws: ClientConnection | None = None
         self._session: s.Session | None = None
         self._send_lock = asyncio.Lock()
-        self._last_frame_at: float | None = None
+        self._welcomed_at: float | None = None
+        self._heartbeat_failure: Exception | None = None
+
+    @property
+    def facts(self) -> ControlPlaneFacts:
+        return self._report.facts
 
     # -- the dial loop ------------------------------------------------------------------
 
     async def run(self) -> None:
         while True:
-            self._update(state="connecting", attempts=self.facts.attempts + 1, next_attempt_at=None)
-            started = time.monotonic()
+            self._report.connecting()
+            self._welcomed_at = None
             try:
                 await self._connect_once()
-                ended = _Ended(Cause.CLOSED)
-            except _Ended as exc:
+                ended = Ended(Cause.CLOSED)
+            except Ended as exc:
                 ended = exc
             except Exception as exc:
-                # A bug of ours (or a handler's) must cost one session, not the agent's
-                # link to its control plane.
-                log.exception("control_plane_session_failed")
-                ended = _Ended(Cause.LOCAL, detail=type(exc).__name__)
-            lasted = time.monotonic() - started
-            self._backoff.session_ended(lasted)
+                # A bug of ours must cost one dial, not the agent's link to its control plane.
+                log.exception("control_plane_dial_failed")
+                ended = Ended(Cause.LOCAL, detail=type(exc).__name__)
+            welcomed = self._welcomed_at
+            self._backoff.session_ended(0.0 if welcomed is None else time.monotonic() - welcomed)
             decision = classify(
                 ended.cause, http_status=ended.http_status, close_code=ended.close_code
             )
             words = decision.words + (f": {ended.detail}" if ended.detail else "")
             delay = self._backoff.next_delay(at_max=decision.at_max_backoff)
-            self._disconnected(decision, words, delay)
+            self._report.disconnected(decision, words, delay)
             await asyncio.sleep(delay)
 
-    def _disconnected(self, decision: Decision, words: str, delay: float) -> None:
-        log.warning(
-            "control_plane_disconnected",
-            state=decision.state,
-            reason=words,
-            retry_in_s=round(delay, 2),
-        )
-        self._update(
-            state=decision.state,
-            since=time.time(),
-            last_error=words,
-            session_id=None,
-            backoff_s=round(delay, 3),
-            next_attempt_at=time.time() + delay,
-            last_contact=self._last_frame_at or self.facts.last_contact,
-        )
-
     async def _connect_once(self) -> None:
+        ws = await self._dial()
         try:
-            token = _read_token(self._config)
-        except OSError as exc:
-            raise _Ended(Cause.LOCAL, detail=f"token file unreadable ({exc.strerror})") from exc
+            await self._run_session(ws)
+        except asyncio.CancelledError:
+            await _close(ws, 1001, "agent stopping", STOP_CLOSE_S)
+            raise
+        except Ended:
+            raise
+        except ConnectionClosed as exc:
+            failure = self._heartbeat_failure
+            if failure is not None:
+                detail = f"heartbeat failed ({type(failure).__name__})"
+                raise Ended(Cause.LOCAL, detail=detail) from failure
+            raise _ended_by_close(exc) from exc
+        except Exception as exc:
+            log.exception("control_plane_session_failed")
+            await _close(ws, 1011, "agent error", CLOSE_TIMEOUT_S)
+            raise Ended(Cause.LOCAL, detail=f"{type(exc).__name__} in the session") from exc
+        finally:
+            if ws.state is not State.CLOSED:
+                ws.transport.abort()
+
+    async def _dial(self) -> ClientConnection:
+        config = self._config
         try:
-            async with connect(
-                self._config.url,
+            token = read_token(config.token_file)
+            tls = None
+            if config.scheme == "wss":
+                tls = client_context(
+                    ca_file=config.ca_file,
+                    client_cert=config.client_cert,
+                    client_key=config.client_key,
+                )
+        except (TokenFileError, TlsSettingError) as exc:
+            raise Ended(Cause.LOCAL, detail=str(exc)) from exc
+        logs.redact(token)
+        try:
+            return await _NoRedirects(
+                config.url,
                 subprotocols=[Subprotocol(SUBPROTOCOL)],
                 additional_headers={"Authorization": f"Bearer {token}"},
                 user_agent_header=self._user_agent,
-                ssl=_tls_context(self._config),
+                proxy=proxy_for(config.url),
+                ssl=tls,
                 compression=None,  # results are bulk bytes; deflate costs CPU, saves little
                 open_timeout=OPEN_TIMEOUT_S,
                 ping_interval=KEEPALIVE_S,
                 ping_timeout=KEEPALIVE_S,
                 close_timeout=CLOSE_TIMEOUT_S,
-                max_size=MAX_INCOMING_FRAME + MAX_HEADER + 4,
-            ) as ws:
-                await self._run_session(ws)
+                max_size=MAX_INCOMING_FRAME,  # PROTOCOL.md §1, the whole frame
+            )
         except InvalidStatus as exc:
-            raise _Ended(Cause.HTTP_STATUS, http_status=exc.response.status_code) from exc
+            raise Ended(Cause.HTTP_STATUS, http_status=exc.response.status_code) from exc
         except InvalidHandshake as exc:
-            raise _Ended(Cause.UNREACHABLE, detail=f"handshake failed ({exc})") from exc
-        except ConnectionClosed as exc:
-            raise _closed(exc) from exc
+            # Only the type: the text of some (InvalidHeaderValue) quotes the headers sent.
+            detail = f"handshake failed ({type(exc).__name__})"
+            raise Ended(Cause.UNREACHABLE, detail=detail) from exc
         except (OSError, TimeoutError) as exc:
-            raise _Ended(Cause.UNREACHABLE, detail=_os_words(exc)) from exc
-        except ValueError as exc:
-            # websockets refuses header values with control characters; do not say more,
-            # the value is the token.
-            raise _Ended(Cause.LOCAL, detail="the token file holds an invalid token") from exc
+            raise Ended(Cause.UNREACHABLE, detail=dial_failure_words(exc)) from exc
+        except (InvalidURI, InvalidProxy, ValueError) as exc:
+            # A bad proxy setting in the environment, or a URL websockets will not dial.
+            detail = f"cannot dial ({type(exc).__name__})"
+            raise Ended(Cause.LOCAL, detail=detail) from exc
 
     # -- one session ----------------------------------------------------------------------
 
     async def _run_session(self, ws: ClientConnection) -> None:
         if ws.subprotocol != SUBPROTOCOL:
             await ws.close(1002, "subprotocol cloudbender-agent.v1 required")
-            raise _Ended(Cause.NO_SUBPROTOCOL)
+            raise Ended(Cause.NO_SUBPROTOCOL)
         session = s.Session(self._hello(self._handler.hello_jobs()), self._stats)
-        self._ws, self._session = ws, session
+        self._ws, self._session, self._heartbeat_failure = ws, session, None
         heartbeats: asyncio.Task[None] | None = None
         try:
             session.initiate()
             await self._flush()
-            async with asyncio.timeout(WELCOME_TIMEOUT_S) as welcome_deadline:
-                while session.state is not s.State.ESTABLISHED:
-                    await self._receive_one(ws, session)
-                welcome_deadline.reschedule(None)
+            await self._await_welcome(ws, session)
             assert session.heartbeat_s is not None
             heartbeats = asyncio.create_task(
-                self._heartbeats(session.heartbeat_s), name="heartbeat"
+                self._heartbeats(ws, session, session.heartbeat_s), name="heartbeat"
             )
             await self._handler.on_established(self)
             while True:
                 await self._receive_one(ws, session)
-        except TimeoutError as exc:
-            await ws.close(1002, "no welcome")
-            raise _Ended(Cause.NO_WELCOME) from exc
         finally:
             if heartbeats is not None:
                 heartbeats.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await heartbeats
+                # Never re-raises: what ended the session is what propagates.
+                await asyncio.gather(heartbeats, return_exceptions=True)
             session.close()
             self._ws, self._session = None, None
             self._handler.on_closed()
 
+    async def _await_welcome(self, ws: ClientConnection, session: s.Session) -> None:
+        deadline = asyncio.timeout(WELCOME_TIMEOUT_S)
+        try:
+            async with deadline:
+                while session.state is not s.State.ESTABLISHED:
+                    await self._receive_one(ws, session)
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise  # not the control plane's silence: a bug, reported as such
+            await ws.close(1002, "no welcome")
+            raise Ended(Cause.NO_WELCOME) from exc
+
     async def _receive_one(self, ws: ClientConnection, session: s.Session) -> None:
         frame = await ws.recv()
-        self._last_frame_at = time.time()
+        self._report.last_frame_at = time.time()
         if isinstance(frame, str):
             events = session.receive_text(frame)
         else:
@@ -241,42 +295,47 @@ class Connection:
 
     async def _dispatch(self, ws: ClientConnection, event: s.Event) -> None:
         if isinstance(event, s.Welcomed):
-            log.info(
-                "control_plane_connected", session=event.session, heartbeat_s=event.heartbeat_s
-            )
-            self._update(
-                state="connected",
-                since=time.time(),
-                session_id=event.session,
-                last_contact=time.time(),
-                last_error=None,
-                backoff_s=None,
-                next_attempt_at=None,
-            )
+            self._welcomed_at = time.monotonic()
+            self._report.connected(event)
         elif isinstance(event, s.Received):
             await self._handler.on_message(self, event.message)
         elif isinstance(event, s.InvalidAssignment):
             await self._handler.on_invalid_assignment(self, event.job_id, event.detail)
         elif isinstance(event, s.PeerError):
-            log.warning("control_plane_error", code=event.code, detail=event.detail, ref=event.ref)
+            self._report.peer_event(event)
             await self._handler.on_peer_error(self, event)
-        elif isinstance(event, s.Answered):
-            log.warning("control_plane_bad_frame", answered=event.code, detail=event.detail)
-        elif isinstance(event, s.Ignored):
-            log.info("control_plane_frame_ignored", why=event.why)
+        elif isinstance(event, (s.Answered, s.Ignored)):
+            self._report.peer_event(event)
         elif isinstance(event, s.Fatal):
+            detail = None if event.detail is None else m.printable(event.detail, 100)
+            if detail is not None:  # a close reason is at most 123 bytes of UTF-8
+                detail = detail.encode("ascii", "replace").decode()
+            if event.code == "invalid_welcome":
+                await ws.close(1002, f"invalid welcome: {detail}")
+                raise Ended(Cause.INVALID_WELCOME, detail=detail)
             await ws.close(1000, event.code)
-            raise _Ended(Cause.UNSUPPORTED_PROTOCOL, detail=event.detail)
+            raise Ended(Cause.UNSUPPORTED_PROTOCOL, detail=detail)
 
-    async def _heartbeats(self, interval_s: float) -> None:
-        while True:
-            session = self._session
-            if session is None:
-                return
-            session.heartbeat(time.time(), self._telemetry(self._handler.hello_jobs()))
-            await self._flush()
-            self._update(last_contact=self._last_frame_at or self.facts.last_contact)
-            await asyncio.sleep(interval_s)
+    async def _heartbeats(self, ws: ClientConnection, session: s.Session, every_s: float) -> None:
+        """Heartbeats from the ``welcome`` on; ends the session if one cannot be sent.
+
+        A failure closes the socket with 1011, as websockets' keepalive does on a missing
+        pong: the receive loop then sees the close and :meth:`_connect_once` reports this
+        failure. Without that the session would stay "connected" while the control plane
+        hears nothing and declares the node dead.
+        """
+        try:
+            while True:
+                session.heartbeat(time.time(), self._telemetry(self._handler.hello_jobs()))
+                await self._flush()
+                self._report.heartbeat_sent()
+                await asyncio.sleep(every_s)
+        except ConnectionClosed:
+            return  # the receive loop sees it too, and reports it
+        except Exception as exc:
+            log.exception("control_plane_heartbeat_failed")
+            self._heartbeat_failure = exc
+            await _close(ws, 1011, "heartbeat failed", CLOSE_TIMEOUT_S)
 
     # -- Link ----------------------------------------------------------------------------
 
@@ -302,46 +361,24 @@ class Connection:
             for frame in session.data_to_send():
                 await ws.send(frame)
 
-    def _update(self, **changes: Any) -> None:
-        self.facts = dataclasses.replace(self.facts, **changes)
-        self._publish(self.facts)
+
+async def _close(ws: ClientConnection, code: int, reason: str, within_s: float) -> None:
+    """Close with ``code``; abort if the peer has not answered within ``within_s``.
+
+    Raises nothing but ``CancelledError`` (a second stop signal cancels at once).
+    """
+    closing = asyncio.ensure_future(ws.close(code, reason))
+    try:
+        await asyncio.wait({closing}, timeout=within_s)
+    finally:
+        if not closing.done():
+            closing.cancel()
+            ws.transport.abort()
+        elif not closing.cancelled():
+            closing.exception()  # retrieved: a failed close changes nothing here
 
 
-def _closed(exc: ConnectionClosed) -> _Ended:
-    if exc.rcvd is not None:
-        return _Ended(Cause.CLOSED, close_code=exc.rcvd.code, detail=exc.rcvd.reason or None)
-    if exc.sent is not None and exc.sent.code == 1011:
-        return _Ended(Cause.KEEPALIVE)
-    return _Ended(Cause.CLOSED)
-
-
-def _os_words(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS: {exc.reason or exc}"
-    if isinstance(exc, OSError) and exc.errno:
-        # asyncio words refusals as "Connect call failed ('127.0.0.1', 9)"; the errno
-        # says it plainly.
-        return os.strerror(exc.errno).lower()
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return type(exc).__name__
-
-
-def _read_token(config: ControlPlaneConfig) -> str:
-    token = config.token_file.read_text(encoding="utf-8").strip()
-    logs.redact(token)
-    return token
-
-
-def _tls_context(config: ControlPlaneConfig) -> ssl.SSLContext | None:
-    if not config.url.startswith("wss://"):
-        return None
-    context = ssl.create_default_context()  # the system trust store
-    if config.ca_file is not None:
-        context.load_verify_locations(cafile=str(config.ca_file))
-    if config.client_cert is not None:
-        key = str(config.client_key) if config.client_key is not None else None
-        context.load_cert_chain(str(config.client_cert), key)
-    return context
+def _ended_by_close(exc: ConnectionClosed) -> Ended:
+    sent = None if exc.sent is None else (exc.sent.code, exc.sent.reason)
+    rcvd = None if exc.rcvd is None else (exc.rcvd.code, exc.rcvd.reason)
+    return ended_by_close(sent, rcvd, sent_first=exc.rcvd_then_sent is False)

@@ -2,34 +2,49 @@
 
 Secrets registered with :func:`redact` are replaced in every rendered line, whatever
 field or message they end up in: the control-plane token must never reach a log even
-if a library puts it in an exception text.
+if a library puts it in an exception text. A line holds a secret as written, or escaped
+by the JSON renderer or by ``repr`` (a ``"`` or ``\\`` in a token): all three forms are
+masked.
+
+:class:`Throttle` bounds lines that a peer can cause at will (one per frame it sends).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import structlog
 
 _SECRETS: set[str] = set()
 _MASK = "[redacted]"
-# A secret shorter than this would mask ordinary words; tokens are long.
-_MIN_SECRET_LEN = 8
+# A shorter secret would mask ordinary words. The agent refuses tokens shorter than 16
+# characters (agent.token_file), so this only guards against misuse.
+_MIN_SECRET_LEN = 4
 
 
 def redact(secret: str) -> None:
-    """Register ``secret`` so that it never appears in a log line. Idempotent."""
+    """Register ``secret`` so that it never appears in a log line. Idempotent.
+
+    Secrets shorter than 4 characters are not registered: they would mask words.
+    """
     secret = secret.strip()
-    if len(secret) >= _MIN_SECRET_LEN:
-        _SECRETS.add(secret)
+    if len(secret) < _MIN_SECRET_LEN:
+        return
+    _SECRETS.add(secret)
+    _SECRETS.add(json.dumps(secret)[1:-1])
+    _SECRETS.add(repr(secret)[1:-1])
 
 
 def scrub(text: str) -> str:
-    """``text`` with every registered secret masked."""
-    for secret in _SECRETS:
+    """``text`` with every registered secret (and its escaped forms) masked."""
+    # Longest first, so that an escaped form is masked whole, not half.
+    for secret in sorted(_SECRETS, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, _MASK)
     return text
@@ -77,3 +92,50 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
 class _ScrubbingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return scrub(super().format(record))
+
+
+@dataclass
+class _Window:
+    started: float
+    admitted: int = 0
+    dropped: int = 0
+
+
+class Throttle:
+    """At most ``limit`` log lines of each kind per ``window_s`` seconds; the rest counted.
+
+    Pure bookkeeping; the caller logs. A peer that sends a frame per millisecond must
+    not be able to fill the journal. Not thread-safe: one owner (a connection).
+    """
+
+    def __init__(
+        self,
+        limit: int = 10,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._clock = clock
+        self._windows: dict[str, _Window] = {}
+
+    def admit(self, kind: str) -> int | None:
+        """``None``: drop this line. Otherwise log it, with the returned number of lines
+        of ``kind`` dropped since the last one logged (usually 0)."""
+        now = self._clock()
+        window = self._windows.setdefault(kind, _Window(now))
+        if now - window.started >= self.window_s:
+            window.started, window.admitted = now, 0
+        if window.admitted >= self.limit:
+            window.dropped += 1
+            return None
+        window.admitted += 1
+        dropped, window.dropped = window.dropped, 0
+        return dropped
+
+    def drain(self) -> dict[str, int]:
+        """Lines dropped per kind and not yet reported; the counts start again at 0."""
+        out = {kind: w.dropped for kind, w in self._windows.items() if w.dropped}
+        for window in self._windows.values():
+            window.dropped = 0
+        return out

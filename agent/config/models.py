@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -17,6 +19,9 @@ from pydantic import (
     field_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from agent import tls
+from agent.token_file import TokenFileError, read_token
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -101,19 +106,20 @@ def _require_private_file(path: Path, what: str) -> Path:
 
 
 class ControlPlaneConfig(_Section):
-    # Declared before ``url`` so that the url validator can see it.
+    # Declared in this order so that each validator sees the fields it depends on.
     allow_insecure: bool = False
     url: str
     token_file: FsPath = Path("/etc/cloudbender-agent/token")
     ca_file: FsPath | None = None
     client_cert: FsPath | None = None
-    client_key: FsPath | None = None
+    # Validated even when absent: client_cert alone must then hold the key.
+    client_key: FsPath | None = Field(default=None, validate_default=True)
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
 
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str, info: ValidationInfo) -> str:
-        parts = urlsplit(value)
+        parts = urlsplit(value)  # the scheme comes back lower-case: WSS:// is wss://
         if parts.scheme not in ("ws", "wss"):
             raise _problem("url_scheme", "must start with wss:// (or ws:// for loopback)")
         if not parts.hostname:
@@ -134,19 +140,81 @@ class ControlPlaneConfig(_Section):
     @field_validator("token_file")
     @classmethod
     def _check_token_file(cls, value: Path) -> Path:
-        return _require_private_file(value, "token file")
+        _require_private_file(value, "token file")
+        try:
+            read_token(value)
+        except TokenFileError as exc:
+            # check-config run as another user than the agent's cannot read the file;
+            # the daemon checks the content at every dial.
+            if exc.errno != errno.EACCES:
+                raise _problem("token_invalid", "{why}", why=str(exc)) from None
+        return value
+
+    @field_validator("ca_file")
+    @classmethod
+    def _check_ca_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None:
+            _require_wss("ca_file", info)
+            _require_file(value)
+            _tls_check(tls.check_ca_file, value)
+        return value
+
+    @field_validator("client_cert")
+    @classmethod
+    def _check_client_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None:
+            _require_wss("client_cert", info)
+            _require_file(value)
+            _tls_check(tls.check_client_cert, value)
+        return value
 
     @field_validator("client_key")
     @classmethod
-    def _check_client_key(cls, value: Path | None) -> Path | None:
-        return None if value is None else _require_private_file(value, "client key")
-
-    @field_validator("ca_file", "client_cert")
-    @classmethod
-    def _check_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise _problem("file_missing", "{path} does not exist", path=str(value))
+    def _check_client_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None:
+            _require_wss("client_key", info)
+            _require_private_file(value, "client key")
+        if "client_cert" not in info.data:
+            return value  # client_cert is invalid, and reported as such
+        cert = info.data["client_cert"]
+        if cert is None:
+            if value is not None:
+                raise _problem(
+                    "key_without_cert",
+                    "is set without control_plane.client_cert (a PEM holding both the "
+                    "certificate and the key may be given as client_cert alone)",
+                )
+            return value
+        _tls_check(lambda path: tls.check_key_pair(path, value), cert)
         return value
+
+    @property
+    def scheme(self) -> str:
+        """``ws`` or ``wss``, lower-case whatever the URL's spelling."""
+        return urlsplit(self.url).scheme
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise _problem("file_missing", "{path} does not exist", path=str(path))
+
+
+def _require_wss(key: str, info: ValidationInfo) -> None:
+    url = info.data.get("url")
+    if url is not None and urlsplit(url).scheme == "ws":
+        raise _problem(
+            "tls_without_wss",
+            "is set, but control_plane.url is ws://: TLS settings apply to wss:// only; "
+            "remove {key} or use wss://",
+            key=key,
+        )
+
+
+def _tls_check(check: Callable[[Path], None], path: Path) -> None:
+    try:
+        check(path)
+    except tls.TlsSettingError as exc:
+        raise _problem("tls_setting", "{why}", why=exc.words) from None
 
 
 class RuntimeConfig(_Section):

@@ -46,6 +46,16 @@ def encode_binary(header: dict[str, Any], payload: bytes | memoryview = b"") -> 
     return b"".join((_LENGTH.pack(len(raw)), raw, payload))
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(text: str | bytes) -> Any:
+    """Strict JSON: :func:`json.loads`, except that ``NaN``, ``Infinity`` and ``-Infinity``
+    (which Python accepts and RFC 8259 §6 does not) raise ``ValueError``."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
 def decode_binary(data: bytes) -> BinaryFrame:
     """Split a binary frame. The payload is a zero-copy view into ``data``.
 
@@ -59,7 +69,7 @@ def decode_binary(data: bytes) -> BinaryFrame:
     if end > len(data):
         raise FrameError(f"header length {length} runs past the end of a {len(data)}-byte frame")
     try:
-        header = json.loads(bytes(data[_LENGTH.size : end]).decode("utf-8"))
+        header = loads(bytes(data[_LENGTH.size : end]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise FrameError("binary frame header is not UTF-8 JSON") from exc
     except RecursionError as exc:

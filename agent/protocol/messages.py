@@ -10,7 +10,10 @@ JSON object with a string ``type``, exactly the fields of PROTOCOL.md and nothin
 
 Error details quote field names and what was expected, never the offending value: a
 hostile peer must not be able to make the agent echo arbitrary bytes back, and values
-may be large.
+may be large. Strings the control plane sends are passed on whole (an artifact name must
+match exactly), but anything of theirs that reaches a log line or ``/status`` goes
+through :func:`printable` first: at most :data:`MAX_DETAIL` characters, no control
+characters.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from agent.protocol.frames import BinaryFrame, FrameError, decode_binary
+from agent.protocol.frames import BinaryFrame, FrameError, decode_binary, loads
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 _JOB_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 SHA256_HEX = r"^[0-9a-f]{64}$"
 MAX_DETAIL = 300
+# welcome.session is shown in /status and in logs: short, printable ASCII.
+MAX_SESSION_ID = 128
+SESSION_ID_PATTERN = r"^[\x20-\x7e]+$"
 
 JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN)]
 # Strict floats accept JSON integers but refuse strings and booleans.
@@ -45,7 +51,9 @@ class _Incoming(BaseModel):
 
 class Welcome(_Incoming):
     type: Literal["welcome"]
-    session: str
+    session: Annotated[
+        str, Field(min_length=1, max_length=MAX_SESSION_ID, pattern=SESSION_ID_PATTERN)
+    ]
     heartbeat_s: Annotated[Number, Field(gt=0)]
 
 
@@ -198,19 +206,31 @@ class Invalid:
     detail: str
     ref: str | None = None
     job_id: str | None = None
+    field: str | None = None  # the dotted path of the first field refused, if any
 
 
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 1] + "…"
+def clip(text: str, limit: int = MAX_DETAIL) -> str:
+    """``text`` cut to ``limit`` characters (the last one an ellipsis when cut)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def printable(text: str, limit: int = MAX_DETAIL) -> str:
+    """A peer's string made fit for a log line or ``/status``: clipped, and every
+    control or format character (newlines, escapes, bidi overrides) shown as ``?``."""
+    text = clip(text, limit)
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
 
 
 def describe_validation(exc: ValidationError) -> str:
     """``field.path: what was expected`` for each problem, without the offending values."""
     parts = []
     for error in exc.errors(include_input=False, include_url=False):
-        loc = ".".join(str(p) for p in error["loc"]) or "message"
-        parts.append(f"{loc}: {error['msg']}")
-    return _clip("; ".join(parts))
+        parts.append(f"{_location(error['loc'])}: {error['msg']}")
+    return clip("; ".join(parts))
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "message"
 
 
 def _validate(model: type[_Incoming], data: dict[str, Any], kind: str) -> _Incoming | Invalid:
@@ -218,16 +238,17 @@ def _validate(model: type[_Incoming], data: dict[str, Any], kind: str) -> _Incom
         return model.model_validate(data)
     except ValidationError as exc:
         detail = describe_validation(exc)
+        field = clip(_location(exc.errors(include_url=False)[0]["loc"]), 64)
         job_id = data.get("job_id")
         if kind == "job.assign" and isinstance(job_id, str) and _JOB_ID.fullmatch(job_id):
-            return Invalid("bad_message", detail, ref=kind, job_id=job_id)
-        return Invalid("bad_message", detail, ref=kind)
+            return Invalid("bad_message", detail, ref=kind, job_id=job_id, field=field)
+        return Invalid("bad_message", detail, ref=kind, field=field)
 
 
 def parse_text(text: str) -> Incoming | Invalid:
     """Parse one text frame from the control plane. Never raises."""
     try:
-        data = json.loads(text)
+        data = loads(text)
     except (ValueError, RecursionError):
         return Invalid("bad_message", "text frame is not JSON")
     if not isinstance(data, dict):
@@ -237,7 +258,10 @@ def parse_text(text: str) -> Incoming | Invalid:
         return Invalid("bad_message", "message lacks a string field 'type'")
     model = TEXT_TYPES.get(kind)
     if model is None:
-        return Invalid("unknown_type", _clip(kind), ref=_clip(kind))
+        if kind in BINARY_TYPES:
+            # A known type in the wrong kind of frame is a broken peer, not a newer one.
+            return Invalid("bad_message", "text frame of a binary type", ref=kind)
+        return Invalid("unknown_type", clip(kind), ref=clip(kind))
     return _validate(model, data, kind)  # type: ignore[return-value]
 
 
@@ -249,7 +273,10 @@ def parse_binary(data: bytes) -> Incoming | Invalid:
         return Invalid("bad_message", str(exc))
     model = BINARY_TYPES.get(frame.type)
     if model is None:
-        return Invalid("unknown_type", _clip(frame.type), ref=_clip(frame.type))
+        if frame.type in TEXT_TYPES:
+            # As the reference control plane does for the agent's text types.
+            return Invalid("bad_message", "binary frame of a text type", ref=frame.type)
+        return Invalid("unknown_type", clip(frame.type), ref=clip(frame.type))
     header = _validate(model, frame.header, frame.type)
     if isinstance(header, Invalid):
         return header
@@ -268,7 +295,7 @@ def encode_text(message: dict[str, Any]) -> str:
 def error(code: str, detail: str | None = None, ref: str | None = None) -> dict[str, Any]:
     message: dict[str, Any] = {"type": "error", "code": code}
     if detail is not None:
-        message["detail"] = _clip(detail)
+        message["detail"] = clip(detail)
     if ref is not None:
         message["ref"] = ref
     return message
@@ -279,7 +306,7 @@ def job_accepted(job_id: str) -> dict[str, Any]:
 
 
 def job_rejected(job_id: str, code: str, detail: str) -> dict[str, Any]:
-    return {"type": "job.rejected", "job_id": job_id, "code": code, "detail": _clip(detail)}
+    return {"type": "job.rejected", "job_id": job_id, "code": code, "detail": clip(detail)}
 
 
 def job_state(

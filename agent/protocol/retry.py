@@ -10,10 +10,14 @@ faster cannot help and would hammer the control plane.
 
 from __future__ import annotations
 
+import os
 import random
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+
+from agent.protocol.messages import printable
 
 # Close codes of PROTOCOL.md §1.
 CLOSE_AUTH_FAILED = 4401
@@ -26,11 +30,88 @@ class Cause(Enum):
     UNREACHABLE = "unreachable"  # refused, timed out, DNS, TLS handshake
     HTTP_STATUS = "http_status"  # the upgrade was answered with a non-101 status
     NO_SUBPROTOCOL = "no_subprotocol"  # the peer did not select cloudbender-agent.v1
-    CLOSED = "closed"  # the WebSocket closed (with close_code)
+    CLOSED = "closed"  # the control plane closed the WebSocket (close_code: theirs)
+    CLOSED_BY_AGENT = "closed_by_agent"  # websockets closed it for us: 1007, 1009, …
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"  # error/unsupported_protocol received
     NO_WELCOME = "no_welcome"  # no welcome in time after hello
+    INVALID_WELCOME = "invalid_welcome"  # a welcome that fails validation
     KEEPALIVE = "keepalive"  # no pong in time
-    LOCAL = "local"  # our own bug or resource problem while in session
+    LOCAL = "local"  # a local setting (token, TLS files) or our own bug, not the peer
+
+
+class Ended(Exception):
+    """A dial or a session ended, and why: what :func:`classify` takes.
+
+    Whoever raises it has already closed the socket.
+    """
+
+    def __init__(
+        self,
+        cause: Cause,
+        *,
+        http_status: int | None = None,
+        close_code: int | None = None,
+        detail: str | None = None,
+    ) -> None:
+        super().__init__(cause.value)
+        self.cause, self.http_status, self.close_code, self.detail = (
+            cause,
+            http_status,
+            close_code,
+            detail,
+        )
+
+
+# RFC 6455 §7.4.1, for the codes websockets sends on its own.
+_CLOSE_WORDS = {
+    1000: "normal closure",
+    1001: "going away",
+    1002: "protocol error",
+    1003: "unsupported data",
+    1007: "invalid frame payload data",
+    1008: "policy violation",
+    1009: "message too big",
+    1011: "internal error",
+}
+
+
+def ended_by_close(
+    sent: tuple[int, str] | None, rcvd: tuple[int, str] | None, *, sent_first: bool
+) -> Ended:
+    """Why a session ended with the close frames ``sent`` and ``rcvd`` (code, reason).
+
+    ``sent_first``: the agent closed first, and ``rcvd`` (if any) is the peer's echo. A
+    close the agent's WebSocket library started (1009 for a frame over 16 MiB, 1007 for
+    invalid UTF-8) is reported as the agent's, not as "closed (no close code)".
+    """
+    if sent is not None and (rcvd is None or sent_first):
+        code, reason = sent
+        if code == 1011 and "keepalive" in reason:
+            return Ended(Cause.KEEPALIVE)
+        words = f"{code} {_CLOSE_WORDS.get(code, 'close')}"
+        if reason:
+            words += f" ({printable(reason, 100)})"
+        return Ended(Cause.CLOSED_BY_AGENT, detail=words)
+    if rcvd is not None:
+        code, reason = rcvd
+        return Ended(Cause.CLOSED, close_code=code, detail=printable(reason, 123) or None)
+    return Ended(Cause.CLOSED)
+
+
+def dial_failure_words(exc: BaseException) -> str:
+    """A person's words for a failed dial (``OSError``, ``TimeoutError``): the errno, the
+    TLS reason, never an address or a certificate's text."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {getattr(exc, 'reason', None) or type(exc).__name__}"
+    if isinstance(exc, OSError) and exc.errno:
+        # asyncio words refusals as "Connect call failed ('127.0.0.1', 9)"; the errno
+        # says it plainly.
+        return os.strerror(exc.errno).lower()
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -67,12 +148,20 @@ def classify(
     if cause is Cause.CLOSED:
         code = "no close code" if close_code is None else f"close code {close_code}"
         return Decision("disconnected", False, f"connection closed ({code})")
+    if cause is Cause.CLOSED_BY_AGENT:
+        # The agent refused something the control plane sent (a frame over 16 MiB,
+        # invalid UTF-8): a misbehaving peer, but perhaps a transient one.
+        return Decision("disconnected", False, "agent closed the connection")
     if cause is Cause.NO_WELCOME:
         return Decision("disconnected", False, "control plane sent no welcome")
+    if cause is Cause.INVALID_WELCOME:
+        # Normal backoff, unlike a protocol mismatch: a control plane mid-deploy may send
+        # one bad welcome and a good one on the next dial.
+        return Decision("disconnected", False, "control plane sent an invalid welcome")
     if cause is Cause.KEEPALIVE:
         return Decision("disconnected", False, "control plane stopped answering pings")
     if cause is Cause.LOCAL:
-        return Decision("disconnected", False, "agent error during the session")
+        return Decision("disconnected", False, "agent-side error")
     return Decision("disconnected", False, "control plane unreachable")
 
 
@@ -110,6 +199,10 @@ class Backoff:
         return delay
 
     def session_ended(self, lasted_s: float) -> None:
-        """Forget earlier failures after a session that proved the path works."""
+        """Forget earlier failures after a session that proved the path works.
+
+        ``lasted_s`` counts from the ``welcome`` (0 for a session that never got one): a
+        dial that hangs in the handshake for longer than ``max_s`` proves nothing.
+        """
         if lasted_s > self.max_s:
             self.attempt = 0

@@ -15,9 +15,15 @@ Choices where PROTOCOL.md is silent (docs/control-plane.md lists them too):
 - Before ``welcome`` the agent sends nothing but ``hello`` (§3), so an invalid frame
   received then is not answered; it is reported as :class:`Ignored`. An ``error`` is
   still reported, and ``unsupported_protocol`` is fatal at any time.
+- A ``welcome`` that fails validation (``heartbeat_s`` not a positive number,
+  ``session`` not a short printable string) is :class:`Fatal` (``invalid_welcome``):
+  waiting for another would only end in "no welcome" much later.
 - A second ``welcome`` in the same session is ignored.
 - ``welcome.heartbeat_s`` below :data:`MIN_HEARTBEAT_S` is raised to it, so that a
   control plane cannot make the agent flood it.
+- An ``error`` that is itself invalid is never answered (no error ping-pong between two
+  peers that each find the other's errors malformed); it is :class:`Ignored`.
+- The strings of a received ``error`` are clipped to :data:`~agent.protocol.messages.MAX_DETAIL`.
 """
 
 from __future__ import annotations
@@ -88,7 +94,12 @@ class Ignored:
 
 @dataclass(frozen=True)
 class Fatal:
-    """The session cannot go on; the caller closes and backs off at the maximum."""
+    """The session cannot go on; the caller closes and backs off.
+
+    ``code`` is ``unsupported_protocol`` (``detail``: the control plane's, clipped; back
+    off at the maximum) or ``invalid_welcome`` (``detail``: the field refused; normal
+    backoff).
+    """
 
     code: str
     detail: str | None
@@ -152,8 +163,8 @@ class Session:
         """
         if self.state is not State.ESTABLISHED:
             return False
-        self._seq += 1
-        self._queue({"type": "heartbeat", "seq": self._seq, "ts": now, **telemetry})
+        self._queue({"type": "heartbeat", "seq": self._seq + 1, "ts": now, **telemetry})
+        self._seq += 1  # only once queued: a heartbeat that cannot be encoded takes no seq
         return True
 
     def data_to_send(self) -> list[str | bytes]:
@@ -165,8 +176,9 @@ class Session:
         self.state = State.CLOSED
 
     def _queue(self, message: dict[str, Any]) -> None:
+        frame = m.encode_text(message)  # raises (NaN, a non-JSON value) before counting
         self.stats.sent[str(message["type"])] += 1
-        self._out.append(m.encode_text(message))
+        self._out.append(frame)
 
     # -- incoming ---------------------------------------------------------------------
 
@@ -186,10 +198,12 @@ class Session:
         kind = parsed.header.type if isinstance(parsed, m.ArtifactChunk) else parsed.type
         self.stats.received[kind] += 1
         if isinstance(parsed, m.ErrorMessage):
+            detail = None if parsed.detail is None else m.clip(parsed.detail)
             if parsed.code == "unsupported_protocol":
                 self.state = State.CLOSED
-                return [Fatal(parsed.code, parsed.detail)]
-            return [PeerError(parsed.code, parsed.detail, parsed.ref)]
+                return [Fatal(parsed.code, detail)]
+            ref = None if parsed.ref is None else m.clip(parsed.ref)
+            return [PeerError(m.clip(parsed.code), detail, ref)]
         if isinstance(parsed, m.Welcome):
             if self.state is State.ESTABLISHED:
                 return [Ignored("second welcome in one session")]
@@ -203,6 +217,11 @@ class Session:
 
     def _invalid(self, invalid: m.Invalid) -> Event:
         self.stats.received["(invalid)"] += 1
+        if invalid.ref == "welcome" and self.state is State.AWAITING_WELCOME:
+            self.state = State.CLOSED
+            return Fatal("invalid_welcome", invalid.field or invalid.detail)
+        if invalid.ref == "error":
+            return Ignored(f"invalid error message: {invalid.detail}")
         if self.state is not State.ESTABLISHED:
             return Ignored(f"invalid frame before welcome: {invalid.detail}")
         if invalid.job_id is not None:

@@ -246,3 +246,15 @@ def test_token_never_in_any_log_line(tmp_path: Path, good_first: bool) -> None:
     assert "control_plane_disconnected" in log
     for secret in (TOKEN, wrong):
         assert secret not in log
+
+
+def test_a_stopping_agent_closes_with_1001(tmp_path: Path) -> None:
+    with control_plane(heartbeat_s=1) as cp:
+        path, port = agent_config(tmp_path, cp.url)
+        with running_agent(path, port, tmp_path) as agent:
+            wait_status(agent, "connected")
+            code, took = agent.stop()
+            assert code == 0
+            assert took < seconds(5)
+            gone = cp.wait_for_disconnect(NODE, timeout=seconds(5))
+    assert (gone.code, gone.reason, gone.by) == (1001, "agent stopping", "agent")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -254,3 +255,173 @@ def test_example_is_valid_once_pointed_at_real_paths(
     example["state_dir"] = real["state_dir"]
     code, out = check(tmp_path, example, capsys)
     assert code == 0, out
+
+
+# -- the token file's content ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"", "is empty"),
+        (b"  \n\n", "is empty"),
+        (b"first-half-of-it\nsecond-half-of-it\n", "whitespace, control or non-ASCII"),
+        (b"first-half-of-it\rsecond-half-of-it", "whitespace, control or non-ASCII"),
+        (b"tokA tokB-0123456789", "whitespace, control or non-ASCII"),
+        (b"ctl\x1bchars-0123456789", "whitespace, control or non-ASCII"),
+        (b"caf\xc3\xa9-0123456789abcdef", "whitespace, control or non-ASCII"),
+        (b"short-token-15ch", None),  # 16: the shortest allowed
+        (b"short-token-15c", "shorter than 16 characters"),
+        (b"x" * 5000, "larger than 4096 bytes"),
+    ],
+)
+def test_token_content_is_checked_and_never_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, words: str | None
+) -> None:
+    config = valid_config(tmp_path)
+    Path(config["control_plane"]["token_file"]).write_bytes(content)
+    code, out = check(tmp_path, config, capsys)
+    if words is None:
+        assert code == 0, out
+        return
+    assert code == 78, out
+    line = next(ln for ln in out.splitlines() if "control_plane.token_file:" in ln)
+    assert words in line
+    for part in content.decode("latin-1").split():
+        if len(part) > 3:
+            assert part not in out
+
+
+# -- TLS files ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A self-signed client certificate and keys in every shape, made with openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    d = tmp_path_factory.mktemp("pki")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    for name in ("a", "b"):
+        openssl(
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-days", "2", "-subj", f"/CN={name}",
+            "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.crt"),
+        )  # fmt: skip
+    openssl(
+        "pkey",
+        "-in",
+        str(d / "a.key"),
+        "-aes256",
+        "-passout",
+        "pass:pw",
+        "-out",
+        str(d / "enc.key"),
+    )
+    (d / "combined.pem").write_bytes((d / "a.crt").read_bytes() + (d / "a.key").read_bytes())
+    (d / "combined_enc.pem").write_bytes((d / "a.crt").read_bytes() + (d / "enc.key").read_bytes())
+    (d / "garbage.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
+    for path in d.iterdir():
+        path.chmod(0o600)
+    return {p.stem if p.suffix == ".pem" else p.name: p for p in d.iterdir()}
+
+
+def _tls(tmp_path: Path, **files: Path) -> dict[str, Any]:
+    config = valid_config(tmp_path)
+    config["control_plane"].update({k: str(v) for k, v in files.items()})
+    return config
+
+
+@pytest.mark.parametrize(
+    ("files", "key", "words"),
+    [
+        ({"ca_file": "garbage"}, "ca_file", "holds no PEM certificate"),
+        ({"ca_file": "a.key"}, "ca_file", "holds no PEM certificate"),
+        ({"client_cert": "garbage", "client_key": "a.key"}, "client_cert", "no PEM certificate"),
+        ({"client_cert": "a.key", "client_key": "a.key"}, "client_cert", "no PEM certificate"),
+        ({"client_cert": "a.crt", "client_key": "enc.key"}, "client_key", "is encrypted"),
+        ({"client_cert": "combined_enc"}, "client_key", "is encrypted"),
+        ({"client_cert": "a.crt", "client_key": "b.key"}, "client_key", "does not match"),
+        ({"client_cert": "a.crt", "client_key": "garbage"}, "client_key", "no usable PEM private"),
+        ({"client_cert": "a.crt"}, "client_key", "is not set, and"),
+        ({"client_key": "a.key"}, "client_key", "without control_plane.client_cert"),
+    ],
+)
+def test_tls_files_are_loaded_by_check_config(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    pki: dict[str, Path],
+    files: dict[str, str],
+    key: str,
+    words: str,
+) -> None:
+    config = _tls(tmp_path, **{k: pki[v] for k, v in files.items()})
+    code, out = check(tmp_path, config, capsys)
+    assert code == 78, out
+    line = next((ln for ln in out.splitlines() if f"control_plane.{key}:" in ln), None)
+    assert line is not None, out
+    assert words in line
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"ca_file": "a.crt"},
+        {"client_cert": "a.crt", "client_key": "a.key"},
+        {"client_cert": "combined"},  # certificate and key in one PEM
+        {"ca_file": "b.crt", "client_cert": "combined"},
+    ],
+)
+def test_usable_tls_files_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pki: dict[str, Path], files: dict[str, str]
+) -> None:
+    config = _tls(tmp_path, **{k: pki[v] for k, v in files.items()})
+    code, out = check(tmp_path, config, capsys)
+    assert code == 0, out
+
+
+def test_an_encrypted_key_never_prompts(pki: dict[str, Path]) -> None:
+    """Run where a terminal could be opened: the check refuses at once, asking nothing."""
+    from agent import tls
+
+    with pytest.raises(tls.TlsSettingError) as caught:
+        tls.client_context(ca_file=None, client_cert=pki["a.crt"], client_key=pki["enc.key"])
+    assert caught.value.key == "client_key"
+    assert "passphrase" in str(caught.value)
+
+
+@pytest.mark.parametrize("key", ["ca_file", "client_cert", "client_key"])
+def test_tls_settings_with_a_ws_url_are_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pki: dict[str, Path], key: str
+) -> None:
+    files = {"ca_file": pki["a.crt"], "client_cert": pki["a.crt"], "client_key": pki["a.key"]}
+    config = _tls(tmp_path, **{key: files[key]})
+    config["control_plane"]["url"] = "ws://127.0.0.1:9000/agent/v1"
+    code, out = check(tmp_path, config, capsys)
+    assert code == 78, out
+    line = next(ln for ln in out.splitlines() if f"control_plane.{key}:" in ln)
+    assert "ws://" in line
+
+
+def test_an_upper_case_scheme_is_the_same_scheme(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pki: dict[str, Path]
+) -> None:
+    config = _tls(tmp_path, ca_file=pki["a.crt"])
+    config["control_plane"]["url"] = "WSS://127.0.0.1:9000/agent/v1"
+    assert check(tmp_path, config, capsys)[0] == 0
+    assert load_config(write_config(tmp_path, config)).control_plane.scheme == "wss"  # type: ignore[union-attr]
+    config["control_plane"]["url"] = "WS://127.0.0.1:9000/agent/v1"
+    code, out = check(tmp_path, config, capsys)
+    assert code == 78 and "control_plane.ca_file:" in out
+
+
+def test_a_fifo_as_token_file_is_refused_without_hanging(tmp_path: Path) -> None:
+    from agent.token_file import TokenFileError, read_token
+
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(TokenFileError, match="not a regular file"):
+        read_token(fifo)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 
+import pytest
 import structlog
 
 from agent import logs
@@ -37,3 +39,38 @@ def test_console_format_renders_plain_text() -> None:
     assert "hello_there" in stream.getvalue()
     assert "not_shown" not in stream.getvalue()
     assert not stream.getvalue().lstrip().startswith("{")
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_a_token_with_quotes_or_backslashes_is_scrubbed_escaped_too(fmt: str) -> None:
+    token = 'tok"with\\escapes-0123456789'
+    stream = io.StringIO()
+    logs.configure("info", fmt, stream=stream)
+    logs.redact(token)
+    structlog.get_logger("t").info("dialing", header=f"Bearer {token}", nested={"t": token})
+    text = stream.getvalue()
+    assert "dialing" in text
+    for form in (token, json.dumps(token)[1:-1], repr(token)[1:-1], "with\\\\escapes"):
+        assert form not in text, (form, text)
+    assert "[redacted]" in text
+
+
+def test_secrets_of_four_characters_are_redacted_shorter_are_not() -> None:
+    logs.redact("abcd")
+    logs.redact("xy")
+    assert logs.scrub("key abcd and xy") == "key [redacted] and xy"
+
+
+def test_throttle_admits_a_few_per_window_and_counts_the_rest() -> None:
+    now = [0.0]
+    throttle = logs.Throttle(limit=3, window_s=60.0, clock=lambda: now[0])
+    assert [throttle.admit("a") for _ in range(3)] == [0, 0, 0]
+    assert [throttle.admit("a") for _ in range(5)] == [None] * 5
+    assert throttle.admit("b") == 0  # kinds are counted apart
+    now[0] = 61.0
+    assert throttle.admit("a") == 5  # the first line of a new window says how many were dropped
+    assert throttle.drain() == {}
+    for _ in range(4):
+        throttle.admit("a")
+    assert throttle.drain() == {"a": 2}
+    assert throttle.drain() == {}

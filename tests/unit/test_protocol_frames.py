@@ -48,3 +48,10 @@ def test_oversized_header_is_refused() -> None:
 def test_malformed_frames_raise_frame_error(data: bytes) -> None:
     with pytest.raises(FrameError):
         decode_binary(data)
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_a_header_with_nan_or_infinity_is_not_json(constant: bytes) -> None:
+    header = b'{"type":"artifact.chunk","offset":' + constant + b"}"
+    with pytest.raises(FrameError, match="not UTF-8 JSON"):
+        decode_binary(len(header).to_bytes(4, "big") + header)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import random
+import ssl
 
 import pytest
 
-from agent.protocol.retry import Backoff, Cause, classify
+from agent.protocol.retry import (
+    Backoff,
+    Cause,
+    classify,
+    dial_failure_words,
+    ended_by_close,
+)
 
 
 def test_full_jitter_doubles_up_to_the_maximum() -> None:
@@ -54,6 +62,9 @@ def test_reset_only_after_a_long_enough_session() -> None:
         (Cause.UNREACHABLE, {}, "disconnected", False),
         (Cause.KEEPALIVE, {}, "disconnected", False),
         (Cause.NO_WELCOME, {}, "disconnected", False),
+        (Cause.INVALID_WELCOME, {}, "disconnected", False),
+        (Cause.CLOSED_BY_AGENT, {}, "disconnected", False),
+        (Cause.LOCAL, {}, "disconnected", False),
     ],
 )
 def test_classify(cause: Cause, kwargs: dict[str, int], state: str, at_max: bool) -> None:
@@ -61,3 +72,40 @@ def test_classify(cause: Cause, kwargs: dict[str, int], state: str, at_max: bool
     assert decision.state == state
     assert decision.at_max_backoff is at_max
     assert decision.words
+
+
+def test_the_words_of_new_causes() -> None:
+    assert classify(Cause.INVALID_WELCOME).words == "control plane sent an invalid welcome"
+    assert classify(Cause.CLOSED_BY_AGENT).words == "agent closed the connection"
+    assert classify(Cause.LOCAL).words == "agent-side error"
+
+
+def test_a_close_the_agent_sent_is_the_agents() -> None:
+    reason = "frame with 16777217 bytes exceeds limit of 16777216 bytes"
+    ended = ended_by_close((1009, reason), None, sent_first=False)
+    assert ended.cause is Cause.CLOSED_BY_AGENT
+    assert ended.detail == f"1009 message too big ({reason})"
+    # The control plane echoing the agent's close does not make it the control plane's.
+    echoed = ended_by_close((1007, ""), (1007, ""), sent_first=True)
+    assert echoed.cause is Cause.CLOSED_BY_AGENT
+    assert echoed.detail == "1007 invalid frame payload data"
+    assert ended_by_close((1011, "keepalive ping timeout"), None, sent_first=False).cause is (
+        Cause.KEEPALIVE
+    )
+
+
+def test_a_close_the_control_plane_sent_is_theirs_with_a_printable_reason() -> None:
+    ended = ended_by_close((4409, ""), (4409, "replaced\x1b[2J" + "r" * 200), sent_first=False)
+    assert ended.cause is Cause.CLOSED and ended.close_code == 4409
+    assert ended.detail is not None
+    assert "\x1b" not in ended.detail and len(ended.detail) <= 123
+    assert ended_by_close(None, None, sent_first=False).cause is Cause.CLOSED
+
+
+def test_dial_failure_words_never_quote_addresses() -> None:
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed ('10.0.0.1', 9)")
+    assert dial_failure_words(refused) == "connection refused"
+    assert dial_failure_words(TimeoutError()) == "timed out"
+    tls = ssl.SSLCertVerificationError(1, "certificate verify failed: for host 10.0.0.1")
+    assert dial_failure_words(tls).startswith("TLS: ")
+    assert "10.0.0.1" not in dial_failure_words(tls)

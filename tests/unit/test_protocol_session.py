@@ -257,3 +257,107 @@ def test_arbitrary_frames_never_raise_and_the_session_goes_on(frames: list[str |
         assert session.heartbeat(1.0, {})
     else:  # only an unsupported_protocol error ends it
         assert session.state is State.CLOSED
+
+
+def awaiting_welcome() -> Session:
+    session = Session(HELLO)
+    session.initiate()
+    session.data_to_send()
+    return session
+
+
+@pytest.mark.parametrize(
+    ("welcome", "field"),
+    [
+        ({"session": "s", "heartbeat_s": "15"}, "heartbeat_s"),
+        ({"session": "s", "heartbeat_s": 0}, "heartbeat_s"),
+        ({"session": "s", "heartbeat_s": -3}, "heartbeat_s"),
+        ({"session": "s", "heartbeat_s": True}, "heartbeat_s"),
+        ({"session": "s"}, "heartbeat_s"),
+        ({"session": 5, "heartbeat_s": 15}, "session"),
+        ({"session": "", "heartbeat_s": 15}, "session"),
+        ({"session": "x" * 129, "heartbeat_s": 15}, "session"),
+        ({"session": "a\nb", "heartbeat_s": 15}, "session"),
+    ],
+)
+def test_an_invalid_welcome_is_fatal_at_once_naming_the_field(
+    welcome: dict[str, Any], field: str
+) -> None:
+    session = awaiting_welcome()
+    events = session.receive_text(json.dumps({"type": "welcome", **welcome}))
+    assert events == [Fatal("invalid_welcome", field)]
+    assert session.state is State.CLOSED
+    assert session.data_to_send() == []  # nothing but hello before welcome
+
+
+def test_a_session_id_of_128_printable_characters_is_fine() -> None:
+    session = awaiting_welcome()
+    sid = "~ -" + "a" * 125
+    assert session.receive_text(json.dumps({"type": "welcome", "session": sid, "heartbeat_s": 2}))
+    assert session.session_id == sid
+
+
+def test_an_invalid_welcome_after_the_first_is_answered_not_fatal() -> None:
+    session = established()
+    (event,) = session.receive_text('{"type": "welcome", "session": 1, "heartbeat_s": 15}')
+    assert isinstance(event, Answered)
+    assert session.state is State.ESTABLISHED
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type": "error"}',
+        '{"type": "error", "code": 5}',
+        '{"type": "error", "code": "internal", "detail": ["x"]}',
+        '{"type": "error", "code": "internal", "ref": 7}',
+    ],
+)
+@pytest.mark.parametrize("welcomed", [False, True])
+def test_an_invalid_error_is_never_answered(frame: str, welcomed: bool) -> None:
+    session = established() if welcomed else awaiting_welcome()
+    (event,) = session.receive_text(frame)
+    assert isinstance(event, Ignored)
+    assert event.why.startswith("invalid error message")
+    assert session.data_to_send() == []
+
+
+def test_peer_error_strings_are_clipped() -> None:
+    session = established()
+    huge = "E" * 1_000_000
+    (event,) = session.receive_text(
+        json.dumps({"type": "error", "code": huge, "detail": huge, "ref": huge})
+    )
+    assert isinstance(event, PeerError)
+    assert len(event.code) == len(event.detail or "") == len(event.ref or "") == 300
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json(constant: str) -> None:
+    session = established()
+    (event,) = session.receive_text(
+        '{"type": "result.ack", "job_id": "j", "file": 0, "offset": 0, "x": ' + constant + "}"
+    )
+    assert isinstance(event, Answered) and event.code == "bad_message"
+    header = ('{"type":"artifact.chunk","artifact":"m","offset":0,"x":' + constant + "}").encode()
+    (event,) = session.receive_binary(len(header).to_bytes(4, "big") + header)
+    assert isinstance(event, Answered) and event.code == "bad_message"
+
+
+def test_a_known_type_in_the_wrong_kind_of_frame_is_bad_message() -> None:
+    session = established()
+    (event,) = session.receive_binary(encode_binary({"type": "job.cancel", "job_id": "j"}))
+    assert event == Answered("bad_message", "binary frame of a text type")
+    assert sent(session)[0]["ref"] == "job.cancel"
+    (event,) = session.receive_text('{"type": "artifact.chunk", "artifact": "m", "offset": 0}')
+    assert event == Answered("bad_message", "text frame of a binary type")
+
+
+def test_a_heartbeat_that_cannot_be_encoded_raises_and_takes_no_seq() -> None:
+    session = established()
+    with pytest.raises(ValueError):
+        session.heartbeat(1.0, {"cpu_pct": float("nan")})
+    assert session.data_to_send() == []
+    assert session.stats.sent["heartbeat"] == 0
+    session.heartbeat(2.0, {"cpu_pct": 1.0})
+    assert sent(session)[0]["seq"] == 1
