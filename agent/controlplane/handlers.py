@@ -2,7 +2,10 @@
 
 One entry point, :func:`dispatch`, for every frame after ``hello``; a handler per
 message type in :data:`HANDLERS`. A type without a handler is only checked and
-recorded; jobs (§4), results (§5) and artifacts (§6) grow here by adding handlers.
+recorded. Jobs (§4): answers and states are checked against the job's history by
+:mod:`~agent.controlplane.jobs`. Results (§5): received by
+:class:`~agent.controlplane.results.ResultStore`. Artifacts (§6): ``artifact.get`` is
+answered from :class:`~agent.controlplane.artifacts.ArtifactStore`.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, Protocol
 
-from agent.controlplane import validate
+from agent.controlplane import artifacts, jobs, validate
 from agent.controlplane.errors import ControlPlaneError
-from agent.controlplane.state import Registry
-from agent.protocol import MAX_CHUNK_PAYLOAD, MAX_HEADER
+from agent.controlplane.results import ResultStore
+from agent.controlplane.state import ArtifactRequest, Registry
+from agent.protocol import MAX_HEADER
 from agent.protocol.frames import FrameError, decode_binary
 
 
@@ -24,10 +28,22 @@ class Context(Protocol):
     node_id: str
     session_id: str
     registry: Registry
+    artifacts: artifacts.ArtifactStore
+    results: ResultStore
+    auto_ack: bool
     next_seq: int
 
     async def send(self, message: dict[str, Any]) -> None:
         """Send one text message to the agent, recording it on the node."""
+
+    async def send_raw(self, data: str | bytes) -> None:
+        """Send one frame as given, unrecorded (bulk binary frames)."""
+
+    async def drop(self) -> None:
+        """Close the connection (a test fault)."""
+
+    async def abort(self) -> None:
+        """End the connection without a closing handshake, as a network failure would."""
 
 
 Handler = Callable[[Context, dict[str, Any], bytes | None], Awaitable[None]]
@@ -118,7 +134,8 @@ async def dispatch(ctx: Context, data: str | bytes) -> None:
         ctx.session_id,
         type_,
         message,
-        payload=payload,
+        # Result bytes are kept once, as files (ResultStore), not in the message log.
+        payload=None if type_ == "result.chunk" else payload,
         problem=None if reply is None else reply["detail"],
     )
     if reply is not None and type_ == "error":
@@ -145,18 +162,73 @@ async def on_heartbeat(ctx: Context, message: dict[str, Any], _payload: bytes | 
     ctx.registry.heartbeat(ctx.node_id, ctx.session_id, seq, float(message["ts"]))
 
 
+async def on_job_answer(ctx: Context, message: dict[str, Any], _payload: bytes | None) -> None:
+    track = ctx.registry.track(ctx.node_id, message["job_id"])
+    for text in jobs.check_answer(track, message, ctx.session_id):
+        ctx.registry.violation(ctx.node_id, text)
+    ctx.registry.touch()
+
+
+async def on_job_state(ctx: Context, message: dict[str, Any], _payload: bytes | None) -> None:
+    """Check the state against the job's history; with ``auto_ack``, ack a terminal one.
+
+    Every terminal ``job.state`` is acknowledged, repeats included: the agent repeats
+    it after a reconnect precisely because an earlier ``job.ack`` may have been lost.
+    """
+    job_id = message["job_id"]
+    track = ctx.registry.track(ctx.node_id, job_id)
+    accepted = ctx.results.accepted(ctx.node_id, job_id)
+    for text in jobs.check_state(track, message, ctx.session_id, accepted):
+        ctx.registry.violation(ctx.node_id, text)
+    ctx.registry.touch()
+    if ctx.auto_ack and message["state"] in jobs.TERMINAL:
+        await ctx.send({"type": "job.ack", "job_id": job_id})
+
+
+async def on_result_manifest(ctx: Context, message: dict[str, Any], _p: bytes | None) -> None:
+    await ctx.results.on_manifest(ctx, message)
+
+
 async def on_result_chunk(ctx: Context, message: dict[str, Any], payload: bytes | None) -> None:
-    # §5: at most 1 MiB of payload plus a header of at most 4 KiB. Checked here
-    # because the frame has already been accepted (it fits max_size).
-    size = len(payload or b"")
-    if size > MAX_CHUNK_PAYLOAD:
-        ctx.registry.violation(ctx.node_id, f"result.chunk: payload of {size} bytes")
+    # §5: a header of at most 4 KiB. The frame was accepted (it fits max_size): the
+    # bytes are usable, the header size is only recorded.
     header = len(json.dumps(message, separators=(",", ":")).encode())
     if header > MAX_HEADER:
         ctx.registry.violation(ctx.node_id, f"result.chunk: header of about {header} bytes")
+    await ctx.results.on_chunk(ctx, message, payload or b"")
+
+
+async def on_result_end(ctx: Context, message: dict[str, Any], _payload: bytes | None) -> None:
+    await ctx.results.on_end(ctx, message)
+
+
+async def on_artifact_get(ctx: Context, message: dict[str, Any], _payload: bytes | None) -> None:
+    """Stream the artifact (§6), or answer ``unknown_artifact`` / ``bad_message``.
+
+    An ``offset`` equal to the size is a complete download: just ``artifact.end``.
+    A negative one, or one past the end, is ``bad_message`` (PROTOCOL.md is silent).
+    """
+    artifact_id, offset = message["artifact"], message["offset"]
+    ctx.registry.artifact_request(ctx.node_id, ArtifactRequest(artifact_id, offset, ctx.session_id))
+    artifact = ctx.artifacts.get(artifact_id)
+    if artifact is None:
+        await ctx.send(error("unknown_artifact", artifact_id, "artifact.get"))
+        return
+    if not 0 <= offset <= artifact.size:
+        detail = f"offset {offset} is outside the artifact's 0..{artifact.size}"
+        ctx.registry.violation(ctx.node_id, f"artifact.get: {detail}")
+        await ctx.send(error("bad_message", detail, "artifact.get"))
+        return
+    await artifacts.stream(ctx, ctx.artifacts, artifact_id, offset)
 
 
 HANDLERS: dict[str, Handler] = {
     "heartbeat": on_heartbeat,
+    "job.accepted": on_job_answer,
+    "job.rejected": on_job_answer,
+    "job.state": on_job_state,
+    "result.manifest": on_result_manifest,
     "result.chunk": on_result_chunk,
+    "result.end": on_result_end,
+    "artifact.get": on_artifact_get,
 }

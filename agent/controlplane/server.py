@@ -10,9 +10,10 @@ a newer connection replaces the older, which is closed with 4409.
 from __future__ import annotations
 
 import asyncio
-import copy
 import ssl as ssl_module
-from collections.abc import Callable, Collection
+import tempfile
+from collections.abc import Collection
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -21,11 +22,20 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
+from agent.controlplane.api import ControlPlaneAPI
+from agent.controlplane.artifacts import ArtifactStore, Fault
 from agent.controlplane.auth import ANY_NODE, WS_LOGGER, AuthedConnection, Gate, Tokens
 from agent.controlplane.errors import NodeNotConnected
+from agent.controlplane.results import ResultStore
 from agent.controlplane.session import AgentSession, read_hello
-from agent.controlplane.state import Disconnect, NodeState, Registry
-from agent.protocol import MAX_HEADER, MAX_INCOMING_FRAME, PROTOCOL_VERSION, SUBPROTOCOL
+from agent.controlplane.state import Registry
+from agent.protocol import (
+    MAX_CHUNK_PAYLOAD,
+    MAX_HEADER,
+    MAX_INCOMING_FRAME,
+    PROTOCOL_VERSION,
+    SUBPROTOCOL,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -33,7 +43,7 @@ CLOSE_AUTH = 4401
 CLOSE_REPLACED = 4409
 
 
-class ControlPlane:
+class ControlPlane(ControlPlaneAPI):
     """The reference control plane: a real WebSocket server for PROTOCOL.md, asyncio API.
 
     ``tokens`` maps each bearer token to the ``node_id`` it may use (``"*"``: any), or
@@ -45,6 +55,11 @@ class ControlPlane:
     Test options: ``protocol_versions`` (the ``hello.protocol`` values spoken),
     ``select_subprotocol=False`` (accept without selecting ``cloudbender-agent.v1``,
     so that the agent's refusal can be tested), ``heartbeat_s`` (sent in ``welcome``).
+
+    Results (§5) are stored under ``results_dir`` (default: a temporary directory that
+    lives as long as this object); a CP built on the directory of an earlier one
+    resumes its uploads. ``auto_ack=True``: every terminal ``job.state`` is answered
+    ``job.ack`` once recorded.
     """
 
     def __init__(
@@ -61,6 +76,8 @@ class ControlPlane:
         close_timeout_s: float = 5.0,
         ping_interval_s: float | None = 20.0,
         ssl: ssl_module.SSLContext | None = None,
+        results_dir: Path | None = None,
+        auto_ack: bool = False,
     ) -> None:
         self._gate = Gate(tokens, path)
         self.host = host
@@ -74,6 +91,13 @@ class ControlPlane:
         self._ping_interval_s = ping_interval_s
         self._ssl = ssl
         self.registry = Registry()
+        self.artifacts = ArtifactStore()
+        self._results_tmp: tempfile.TemporaryDirectory[str] | None = None
+        if results_dir is None:
+            self._results_tmp = tempfile.TemporaryDirectory(prefix="cp-results-")
+            results_dir = Path(self._results_tmp.name)
+        self.results = ResultStore(Path(results_dir), self.registry)
+        self.auto_ack = auto_ack
         self._server: Server | None = None
         self._live: dict[str, AgentSession] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -95,6 +119,11 @@ class ControlPlane:
     @property
     def running(self) -> bool:
         return self._server is not None
+
+    @property
+    def results_dir(self) -> Path:
+        """Where results are stored: ``<results_dir>/<node_id>/<job_id>/<path>`` once accepted."""
+        return self.results.root
 
     async def start(self) -> None:
         """Listen. Idempotent. Raises ``OSError`` when the port cannot be bound."""
@@ -129,6 +158,7 @@ class ControlPlane:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.results.close()
         log.info("cp.stopped", url=self.url)
 
     async def __aenter__(self) -> ControlPlane:
@@ -152,7 +182,15 @@ class ControlPlane:
             log.warning("cp.node_refused", node_id=node_id)
             await conn.close(CLOSE_AUTH, "node_id not allowed for this token")
             return
-        session = AgentSession(conn, self.registry, hello, self.heartbeat_s)
+        session = AgentSession(
+            conn,
+            self.registry,
+            hello,
+            self.heartbeat_s,
+            self.artifacts,
+            self.results,
+            auto_ack=self.auto_ack,
+        )
         old = self._live.get(node_id)
         self._live[node_id] = session
         if old is not None:
@@ -171,70 +209,8 @@ class ControlPlane:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # -- API for tests, the demo and provider engineers --------------------------------
-
-    def nodes(self) -> dict[str, NodeState]:
-        """A deep copy of every node's record, keyed by ``node_id``."""
-        return self.registry.snapshot()
-
-    def node(self, node_id: str) -> NodeState | None:
-        """A deep copy of one node's record, or ``None`` if it never said hello."""
-        return self.registry.snapshot_of(node_id)
-
-    # The waits take a timeout (ASYNC109): the same signature as the blocking facade's.
-    async def wait_for_node(self, node_id: str, timeout: float = 10.0) -> NodeState:  # noqa: ASYNC109
-        """Wait until ``node_id`` has a welcomed, live session; return a snapshot of it.
-
-        Raises :class:`~agent.controlplane.errors.WaitTimeout`.
-        """
-
-        def found() -> NodeState | None:
-            node = self.registry.get(node_id)
-            return self.node(node_id) if node is not None and node.connected else None
-
-        return await self.registry.wait_until(found, timeout, lambda: f"no session of {node_id}")
-
-    async def wait_for_message(
-        self,
-        node_id: str,
-        type_: str,
-        predicate: Callable[[dict[str, Any]], bool] | None = None,
-        timeout: float = 10.0,  # noqa: ASYNC109
-        after_index: int = 0,
-    ) -> dict[str, Any]:
-        """The first well-formed ``type_`` message from ``node_id`` that ``predicate`` accepts.
-
-        Only messages at position ``after_index`` or later in the node's log count:
-        pass ``len(node.messages)`` from a snapshot to wait for a new one. Messages
-        that the CP answered with an error never match. Raises ``WaitTimeout``.
-        """
-
-        def found() -> dict[str, Any] | None:
-            node = self.registry.get(node_id)
-            for entry in node.messages[after_index:] if node is not None else []:
-                if entry.type != type_ or entry.problem is not None:
-                    continue
-                if predicate is None or predicate(entry.data):
-                    return copy.deepcopy(entry.data)
-            return None
-
-        def describe() -> str:
-            node = self.registry.get(node_id)
-            seen = [m.type for m in node.messages[after_index:]] if node is not None else []
-            return f"no {type_} from {node_id} (saw {seen[-20:]})"
-
-        return await self.registry.wait_until(found, timeout, describe)
-
-    async def wait_for_disconnect(self, node_id: str, timeout: float = 10.0) -> Disconnect:  # noqa: ASYNC109
-        """Wait until ``node_id`` has no live session; how its last session ended."""
-
-        def found() -> Disconnect | None:
-            node = self.registry.get(node_id)
-            if node is None or node.connected or not node.disconnects:
-                return None
-            return node.disconnects[-1]
-
-        return await self.registry.wait_until(found, timeout, lambda: f"{node_id} still connected")
+    # -- sending, for tests, the demo and provider engineers ----------------------------
+    # (reading, waiting, jobs and results: ControlPlaneAPI, in api.py)
 
     def _session(self, node_id: str) -> AgentSession:
         session = self._live.get(node_id)
@@ -255,6 +231,28 @@ class ControlPlane:
             await self._session(node_id).send_raw(data)
         except ConnectionClosed as exc:
             raise NodeNotConnected(f"{node_id} disconnected while sending") from exc
+        self.registry.sent_raw(node_id, data)
+
+    async def add_artifact(
+        self, artifact_id: str, data: bytes, *, chunk_bytes: int = MAX_CHUNK_PAYLOAD
+    ) -> str:
+        """Serve ``data`` as ``artifact_id`` (§6), in chunks of ``chunk_bytes``; its sha256."""
+        return self.artifacts.add(artifact_id, data, chunk_bytes)
+
+    async def artifact_fault(
+        self,
+        artifact_id: str,
+        *,
+        drop_after_bytes: int | None = None,
+        end_sha256: str | None = None,
+        end_size: int | None = None,
+    ) -> None:
+        """Arm test faults on ``artifact_id``, replacing earlier ones (see ``artifacts``).
+
+        ``drop_after_bytes``: close the connection after that many bytes, once.
+        ``end_sha256`` / ``end_size``: what ``artifact.end`` says instead of the truth.
+        """
+        self.artifacts.set_fault(artifact_id, Fault(drop_after_bytes, end_sha256, end_size))
 
     async def close_node(self, node_id: str, code: int = 1000, reason: str = "") -> None:
         """Close ``node_id``'s session with ``code`` and wait until its end is recorded."""

@@ -20,7 +20,9 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from agent.controlplane import handlers, validate
+from agent.controlplane.artifacts import ArtifactStore
 from agent.controlplane.handlers import BadFrame, error
+from agent.controlplane.results import ResultStore
 from agent.controlplane.state import Disconnect, Registry
 
 log = structlog.get_logger(__name__)
@@ -101,10 +103,22 @@ class AgentSession:
     """
 
     def __init__(
-        self, conn: ServerConnection, registry: Registry, hello: dict[str, Any], heartbeat_s: float
+        self,
+        conn: ServerConnection,
+        registry: Registry,
+        hello: dict[str, Any],
+        heartbeat_s: float,
+        artifacts: ArtifactStore,
+        results: ResultStore,
+        *,
+        auto_ack: bool = False,
     ) -> None:
         self.conn = conn
         self.registry = registry
+        self.artifacts = artifacts
+        self.results = results
+        self.auto_ack = auto_ack
+        self.aborted = False
         self.node_id: str = hello["node_id"]
         self.session_id = "s-" + secrets.token_hex(8)
         self.next_seq = 1
@@ -118,6 +132,15 @@ class AgentSession:
 
     async def send_raw(self, data: str | bytes) -> None:
         await self.conn.send(data)
+
+    async def drop(self) -> None:
+        await self.conn.close(1001, "artifact fault: connection dropped")
+
+    async def abort(self) -> None:
+        # Frames already received stay queued in websockets and would still be read;
+        # a network failure would have lost them: the receive loop skips them.
+        self.aborted = True
+        self.conn.transport.abort()
 
     async def run(self) -> None:
         """Record the session, welcome the agent, serve frames until the connection ends.
@@ -134,7 +157,8 @@ class AgentSession:
                 {"type": "welcome", "session": self.session_id, "heartbeat_s": self.heartbeat_s}
             )
             async for data in self.conn:
-                await self._one(data)
+                if not self.aborted:
+                    await self._one(data)
         except ConnectionClosed:
             pass
         finally:

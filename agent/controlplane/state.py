@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from agent.controlplane import jobs
 from agent.controlplane.errors import WaitTimeout
+from agent.controlplane.jobs import JobTrack
 
 T = TypeVar("T")
 
@@ -48,6 +51,15 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
+class ArtifactRequest:
+    """One ``artifact.get`` that passed the type checks, in arrival order."""
+
+    artifact: str
+    offset: int
+    session: str
+
+
+@dataclass(frozen=True)
 class Disconnect:
     """How a session ended. ``by`` is ``agent``, ``cp`` or ``network`` (no close frame)."""
 
@@ -75,10 +87,16 @@ class NodeState:
     sent: list[dict[str, Any]] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     disconnects: list[Disconnect] = field(default_factory=list)
+    artifact_requests: list[ArtifactRequest] = field(default_factory=list)
+    jobs: dict[str, JobTrack] = field(default_factory=dict)
 
     def of_type(self, type_: str) -> list[dict[str, Any]]:
         """The well-formed messages of ``type_``, oldest first."""
         return [m.data for m in self.messages if m.type == type_ and m.problem is None]
+
+    def artifact_offsets(self, artifact: str) -> list[int]:
+        """The ``offset`` of every ``artifact.get`` for ``artifact``, oldest first."""
+        return [r.offset for r in self.artifact_requests if r.artifact == artifact]
 
 
 class Registry:
@@ -110,6 +128,7 @@ class Registry:
         node.hello, node.connected, node.session = hello, True, session
         node.connected_at = node.last_seen = now
         node.sessions.append(session)
+        jobs.note_listed(node.jobs, hello.get("jobs"))
         self._touch()
         return node
 
@@ -146,12 +165,34 @@ class Registry:
         self._nodes[node_id].heartbeats.append(Heartbeat(seq, ts, time.time(), session))
         self._touch()
 
+    def artifact_request(self, node_id: str, request: ArtifactRequest) -> None:
+        self._nodes[node_id].artifact_requests.append(request)
+        self._touch()
+
     def violation(self, node_id: str, text: str) -> None:
         self._nodes[node_id].violations.append(text)
         self._touch()
 
     def sent(self, node_id: str, message: dict[str, Any]) -> None:
-        self._nodes[node_id].sent.append(message)
+        node = self._nodes[node_id]
+        node.sent.append(message)
+        jobs.note_sent(node.jobs, message)
+        self._touch()
+
+    def sent_raw(self, node_id: str, data: str | bytes) -> None:
+        """A frame sent as given: not logged in ``sent``, but a ``job.assign`` in it counts."""
+        if isinstance(data, str):
+            with contextlib.suppress(ValueError, RecursionError):
+                # Leniently (NaN and all): an agent that understood it will answer it.
+                jobs.note_sent(self._nodes[node_id].jobs, json.loads(data))
+                self._touch()
+
+    def track(self, node_id: str, job_id: str) -> JobTrack:
+        """The live :class:`JobTrack` of ``job_id`` on ``node_id``, created if new."""
+        return self._nodes[node_id].jobs.setdefault(job_id, JobTrack(job_id))
+
+    def touch(self) -> None:
+        """Wake the waiters: something they may look at changed (results, say)."""
         self._touch()
 
     # -- waiting ----------------------------------------------------------------------

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from agent.controlplane.jobs import TERMINAL
 from agent.controlplane.server import ControlPlane
 from agent.controlplane.state import Disconnect, NodeState
+from agent.controlplane.upload import ResultsState
+from agent.protocol import MAX_CHUNK_PAYLOAD
 
 T = TypeVar("T")
 
@@ -144,6 +148,84 @@ class ThreadedControlPlane:
 
     def send_raw(self, node_id: str, data: str | bytes) -> None:
         self._call(self.cp.send_raw(node_id, data))
+
+    def add_artifact(
+        self, artifact_id: str, data: bytes, *, chunk_bytes: int = MAX_CHUNK_PAYLOAD
+    ) -> str:
+        return self._call(self.cp.add_artifact(artifact_id, data, chunk_bytes=chunk_bytes))
+
+    def artifact_fault(
+        self,
+        artifact_id: str,
+        *,
+        drop_after_bytes: int | None = None,
+        end_sha256: str | None = None,
+        end_size: int | None = None,
+    ) -> None:
+        fault = self.cp.artifact_fault(
+            artifact_id, drop_after_bytes=drop_after_bytes, end_sha256=end_sha256, end_size=end_size
+        )
+        self._call(fault)
+
+    # -- jobs (§4) ----------------------------------------------------------------------
+
+    def assign(
+        self, node_id: str, job_id: str, image_ref: str, datastore: str, **fields: Any
+    ) -> None:
+        self._call(self.cp.assign(node_id, job_id, image_ref, datastore, **fields))
+
+    def cancel(self, node_id: str, job_id: str) -> None:
+        self._call(self.cp.cancel(node_id, job_id))
+
+    def ack(self, node_id: str, job_id: str) -> None:
+        self._call(self.cp.ack(node_id, job_id))
+
+    def job_states(self, node_id: str, job_id: str) -> list[dict[str, Any]]:
+        return self._on_loop(lambda: self.cp.job_states(node_id, job_id))
+
+    def wait_for_job(
+        self,
+        node_id: str,
+        job_id: str,
+        states: Collection[str] = TERMINAL,
+        timeout: float = 10.0,
+    ) -> dict[str, Any]:
+        return self._call(self.cp.wait_for_job(node_id, job_id, states, timeout), timeout)
+
+    # -- results (§5) -------------------------------------------------------------------
+
+    @property
+    def results_dir(self) -> Path:
+        return self.cp.results_dir
+
+    def results_fault(
+        self,
+        job_id: str | None = None,
+        *,
+        stop_acking: bool = False,
+        drop_after_bytes: int | None = None,
+        reject_file_once: int | None = None,
+        reject_always: int | None = None,
+    ) -> None:
+        fault = self.cp.results_fault(
+            job_id,
+            stop_acking=stop_acking,
+            drop_after_bytes=drop_after_bytes,
+            reject_file_once=reject_file_once,
+            reject_always=reject_always,
+        )
+        self._call(fault)
+
+    def results_state(self, node_id: str, job_id: str) -> ResultsState:
+        return self._on_loop(lambda: self.cp.results_state(node_id, job_id))
+
+    def result_files(self, node_id: str, job_id: str) -> dict[str, Path]:
+        return self._on_loop(lambda: self.cp.result_files(node_id, job_id))
+
+    def wait_for_results(self, node_id: str, job_id: str, timeout: float = 10.0) -> ResultsState:
+        return self._call(self.cp.wait_for_results(node_id, job_id, timeout), timeout)
+
+    # -- connections --------------------------------------------------------------------
 
     def close_node(self, node_id: str, code: int = 1000, reason: str = "") -> None:
         self._call(self.cp.close_node(node_id, code, reason))

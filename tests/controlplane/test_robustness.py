@@ -129,10 +129,16 @@ def test_unknown_fields_are_ignored_and_binary_chunks_recorded() -> None:
             await ws.send(encode_binary(chunk, b"payload"))
             got = await cp.wait_for_message(NODE, "result.chunk", timeout=seconds(5))
             assert got == chunk
+            # Well-formed, but no manifest came first: refused, the session goes on.
+            reply = await recv_json(ws)
+            assert (reply["code"], reply["ref"]) == ("bad_message", "result.chunk")
             node = cp.nodes()[NODE]
-            assert node.messages[-1].payload == b"payload"
+            # Result bytes are stored as files, never kept in the message log.
+            assert node.messages[-1].payload is None
             assert [m.type for m in node.messages] == ["hello", "heartbeat", "result.chunk"]
-            assert node.violations == []
+            assert node.violations == [
+                "result.chunk: answered bad_message: no result.manifest for this job"
+            ]
 
     run(main())
 
@@ -148,13 +154,15 @@ def test_later_message_types_are_checked_and_recorded() -> None:
         {"type": "artifact.get", "artifact": "mdl-9", "offset": 0},
     ]
     wrong: list[dict[str, Any]] = [
-        {"type": "job.state", "job_id": "j-1", "state": "exploded", "ts": 3.0},
-        {"type": "job.state", "job_id": "j-1", "state": "succeeded", "ts": 3.0},
+        {"type": "job.state", "job_id": "j-3", "state": "exploded", "ts": 3.0},
+        {"type": "job.state", "job_id": "j-4", "state": "succeeded", "ts": 3.0},
         {"type": "job.rejected", "job_id": "j/2", "code": "nope"},
     ]
 
     async def main() -> None:
         async with cp_with() as cp, session(cp) as (ws, _):
+            for job_id in ("j-1", "j-2", "j-3", "j-4", "j/2"):
+                await cp.assign(NODE, job_id, "registry.example/x:1", "vitals")
             for message in messages + wrong:
                 await send_json(ws, message)
             await cp.wait_for_message(NODE, "job.rejected", lambda m: m["code"] == "nope")
@@ -162,7 +170,11 @@ def test_later_message_types_are_checked_and_recorded() -> None:
         assert [m.data for m in node.messages[1:]] == messages + wrong
         assert node.violations == [
             "job.state: state 'exploded' is not a job state",
+            "job.state: j-3: job.state before job.accepted",
             "job.state: terminal state 'succeeded' has reason None",
+            "job.state: j-4: job.state before job.accepted",
+            "job.state: j-4: succeeded with exit_code None, expected 0",
+            "job.state: j-4: succeeded before its results were accepted",
             "job.rejected: job_id 'j/2' is malformed",
             "job.rejected: rejection code 'nope' is not in §4",
         ]
@@ -236,12 +248,19 @@ def test_no_frame_breaks_the_session() -> None:
 def test_frame_sizes() -> None:
     async def main() -> None:
         async with cp_with() as cp, session(cp) as (ws, _):
+            manifest = {"type": "result.manifest", "job_id": "j-1", "total_bytes": 1}
+            manifest["files"] = [{"index": 0, "path": "a", "size": 1, "sha256": "0" * 64}]
+            await send_json(ws, manifest)
+            assert (await recv_json(ws))["type"] == "result.resume"
             header = {"type": "result.chunk", "job_id": "j-1", "file": 0, "offset": 0}
             await ws.send(encode_binary(header, bytes(MAX_CHUNK_PAYLOAD + 1)))
-            await cp.wait_for_message(NODE, "result.chunk", timeout=seconds(5))
+            reply = await recv_json(ws)
+            assert (reply["code"], reply["ref"]) == ("bad_message", "result.chunk")
             assert cp.nodes()[NODE].violations == [
-                f"result.chunk: payload of {MAX_CHUNK_PAYLOAD + 1} bytes"
+                "result.chunk: answered bad_message: "
+                f"payload of {MAX_CHUNK_PAYLOAD + 1} bytes is over {MAX_CHUNK_PAYLOAD}"
             ]
+            assert cp.results_state(NODE, "j-1").held == (0,)
             # Past 16 MiB plus a header allowance, websockets ends the session (1009).
             await ws.send(encode_binary(header, bytes(MAX_INCOMING_FRAME + MAX_HEADER)))
             gone = await cp.wait_for_disconnect(NODE, seconds(10))
