@@ -1,0 +1,26 @@
+"""The hash-chained egress ledger (DESIGN.md §1, docs/audit.md).
+
+``<state_dir>/audit.jsonl`` records, for every job, what was run and every byte that
+left the site: ``job_assigned``, ``container_started``, ``result_file_sent`` (one per
+file), ``result_accepted`` and ``job_ended``. It is append-only JSON lines; each entry
+carries the sha256 of the line before it, so a changed, removed, inserted or reordered
+line is found by :func:`verify`. Nothing in it is data, and no host path: datastores
+appear by name, result files by their path inside the job's output directory.
+
+- :mod:`agent.audit.chain`: the line format, :func:`verify` and :func:`read` (no state)
+- :mod:`agent.audit.ledger`: :class:`AuditLedger`, the fsyncing, thread-safe writer
+"""
+
+from agent.audit.chain import GENESIS, AuditError, VerifyResult, read, verify
+from agent.audit.ledger import FILENAME, AuditLedger, ledger_path
+
+__all__ = [
+    "FILENAME",
+    "GENESIS",
+    "AuditError",
+    "AuditLedger",
+    "VerifyResult",
+    "ledger_path",
+    "read",
+    "verify",
+]

@@ -1,0 +1,163 @@
+"""``cloudbender-agent audit``: the egress ledger, for a person or a script.
+
+Rendering only; reading and checking the chain are :mod:`agent.audit`'s, exit codes are
+:mod:`agent.cli`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent.audit import VerifyResult, read, verify
+
+_COMMON = frozenset({"seq", "ts", "kind", "job_id", "prev"})
+
+
+def _when(ts: object) -> str:
+    if not isinstance(ts, int | float):
+        return "?" * 20
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _short(digest: object, keep: int = 12) -> str:
+    """``sha256:0123456789ab…`` (a prefix is enough for a person to match by eye)."""
+    if not isinstance(digest, str):
+        return "—"
+    algo, _, hexpart = digest.rpartition(":")
+    return f"{algo or 'sha256'}:{hexpart[:keep]}…" if len(hexpart) > keep else digest
+
+
+def _size(n: object) -> str:
+    # Exact bytes: this is a record of egress, not a dashboard.
+    return f"{n} bytes" if isinstance(n, int) else "? bytes"
+
+
+def _assigned(e: Mapping[str, Any]) -> str:
+    image = e.get("image_ref")
+    if e.get("image_digest"):
+        image = f"{image} ({_short(e['image_digest'])})"
+    model = _short(e["model_sha256"]) if e.get("model_sha256") else "none"
+    return f"image {image}, model {model}, datastore {e.get('datastore') or 'none'}"
+
+
+def _started(e: Mapping[str, Any]) -> str:
+    iso = e.get("isolation") or {}
+    hc = iso.get("host_config") or {}
+    mounts = ", ".join(
+        f"{m.get('target')}:{'rw' if m.get('rw') else 'ro'}" for m in iso.get("mounts") or []
+    )
+    return (
+        f"container {str(e.get('container_id'))[:12]}, network {hc.get('NetworkMode')}, "
+        f"user {iso.get('user')}, read-only rootfs {hc.get('ReadonlyRootfs')}, "
+        f"cap_drop {hc.get('CapDrop')}, mounts [{mounts}]"
+    )
+
+
+def _sent(e: Mapping[str, Any]) -> str:
+    return f"{e.get('path')} {_size(e.get('size'))} {_short(e.get('sha256'))}"
+
+
+def _accepted(e: Mapping[str, Any]) -> str:
+    return f"{e.get('files')} file(s), {_size(e.get('total_bytes'))}"
+
+
+def _ended(e: Mapping[str, Any]) -> str:
+    text = str(e.get("state"))
+    if e.get("reason"):
+        text += f" ({e['reason']})"
+    if e.get("exit_code") is not None:
+        text += f", exit code {e['exit_code']}"
+    return text
+
+
+def _other(e: Mapping[str, Any]) -> str:
+    return " ".join(
+        f"{k}={json.dumps(v, sort_keys=True)}" for k, v in sorted(e.items()) if k not in _COMMON
+    )
+
+
+_FACTS: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "job_assigned": _assigned,
+    "container_started": _started,
+    "result_file_sent": _sent,
+    "result_accepted": _accepted,
+    "job_ended": _ended,
+}
+
+
+def render_entry(entry: Mapping[str, Any]) -> str:
+    """One line: time (UTC), seq, kind, job, and the entry's key facts."""
+    kind = str(entry.get("kind"))
+    facts = _FACTS.get(kind, _other)(entry)
+    return (
+        f"{_when(entry.get('ts'))}  #{entry.get('seq'):<5} {kind:<17} "
+        f"{entry.get('job_id') or '-'}  {facts}"
+    )
+
+
+def render_entries(entries: Iterable[Mapping[str, Any]], *, as_json: bool) -> Iterable[str]:
+    """The lines to print, lazily: JSON lines (canonical, as in the file) or for a person."""
+    for entry in entries:
+        if as_json:
+            yield json.dumps(entry, sort_keys=True, separators=(",", ":"))
+        else:
+            yield render_entry(entry)
+
+
+def verify_json(result: VerifyResult) -> str:
+    """The outcome of ``--verify`` as one JSON document."""
+    return json.dumps(
+        {
+            "ok": result.ok,
+            "entries": result.entries,
+            "first_bad_line": result.first_bad_line,
+            "problem": result.problem,
+            "head": result.head,
+        },
+        sort_keys=True,
+    )
+
+
+def show(ledger: Path, job_id: str | None, *, as_json: bool) -> None:
+    """Print the entries (only ``job_id``'s when given), or say on stderr that there are
+    none. Raises :class:`AuditError` or ``OSError`` from :func:`read`."""
+    if not ledger.exists():
+        print(f"audit ledger {ledger}: no entries yet", file=sys.stderr)
+        return
+    shown = 0
+    try:
+        for line in render_entries(read(ledger, job_id), as_json=as_json):
+            print(line)
+            shown += 1
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `audit | head` closed the pipe: not an error. Point stdout at /dev/null so the
+        # interpreter's final flush does not fail again (Python docs, "SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+    if not shown:
+        which = f"for job {job_id}" if job_id else "yet"
+        print(f"audit ledger {ledger}: no entries {which}", file=sys.stderr)
+
+
+def check(ledger: Path, *, as_json: bool) -> bool:
+    """Verify the chain and print the outcome; the first bad line goes to stderr.
+    ``True`` when intact or when there is no ledger yet. Raises ``OSError``."""
+    if not ledger.exists():
+        print(f"audit ledger {ledger}: no ledger yet")
+        return True
+    result = verify(ledger)
+    if as_json:
+        print(verify_json(result))
+    elif result.ok:
+        print(f"OK: {result.entries} entries, chain intact (head {result.head})")
+    if not result.ok:
+        where = f"line {result.first_bad_line}: {result.problem}"
+        print(f"audit ledger {ledger}: {where}", file=sys.stderr)
+    return result.ok

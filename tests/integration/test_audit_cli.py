@@ -1,0 +1,138 @@
+"""``cloudbender-agent audit`` as a person runs it, against a ledger in the config's state dir."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent.audit import AuditLedger, ledger_path
+from tests.helpers.env import valid_config, write_config
+from tests.helpers.proc import agent_command
+from tests.unit.test_audit import one_job
+
+
+def _audit(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*agent_command(), "audit", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    cfg = valid_config(tmp_path)
+    Path(cfg["state_dir"]).mkdir()
+    return write_config(tmp_path, cfg)
+
+
+@pytest.fixture
+def ledger(config: Path, tmp_path: Path) -> Path:
+    path = ledger_path(tmp_path / "state")
+    with AuditLedger(path) as writer:
+        one_job(writer, "job-1")
+        one_job(writer, "job-2")
+    return path
+
+
+def test_help_lists_audit() -> None:
+    proc = subprocess.run(
+        [*agent_command(), "audit", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0
+    for option in ("--job", "--json", "--verify", "--config"):
+        assert option in proc.stdout
+
+
+def test_audit_shows_one_line_per_entry(config: Path, ledger: Path) -> None:
+    proc = _audit(config)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 14
+    assert "job_assigned" in lines[0] and "job-1" in lines[0] and "datastore vitals" in lines[0]
+    assert "out/part-2.csv 1002 bytes" in lines[4]
+    assert "job_ended" in lines[-1] and "job-2" in lines[-1]
+
+
+def test_audit_job_shows_only_that_job(config: Path, ledger: Path) -> None:
+    proc = _audit(config, "--job", "job-2")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 7 and all("job-2" in line for line in lines)
+    none = _audit(config, "--job", "job-9")
+    assert (none.returncode, none.stdout) == (0, "")
+    assert "no entries for job job-9" in none.stderr
+
+
+def test_audit_json_prints_the_ledger_lines(config: Path, ledger: Path) -> None:
+    proc = _audit(config, "--json", "--job", "job-1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.encode() == b"".join(ledger.read_bytes().splitlines(keepends=True)[:7])
+    assert [json.loads(line)["seq"] for line in proc.stdout.splitlines()] == list(range(1, 8))
+
+
+def test_verify_passes_then_fails_after_a_flipped_byte_or_a_deleted_line(
+    config: Path, ledger: Path
+) -> None:
+    intact = ledger.read_bytes()
+    proc = _audit(config, "--verify")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("OK: 14 entries, chain intact")
+
+    flipped = bytearray(intact)
+    flipped[len(flipped) // 2] ^= 0x01
+    ledger.write_bytes(bytes(flipped))
+    proc = _audit(config, "--verify")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"audit ledger {ledger}: line ")
+    bad_line = int(proc.stderr.split("line ")[1].split(":")[0])
+    changed = intact[: len(intact) // 2].count(b"\n") + 1
+    assert bad_line in (changed, changed + 1), proc.stderr
+
+    lines = intact.splitlines(keepends=True)
+    ledger.write_bytes(b"".join(lines[:9] + lines[10:]))
+    proc = _audit(config, "--verify")
+    assert proc.returncode == 1
+    assert f"audit ledger {ledger}: line 10: seq is 11 where 10 was expected" in proc.stderr
+
+
+def test_verify_json_reports_the_first_bad_line(config: Path, ledger: Path) -> None:
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    ledger.write_bytes(b"".join([lines[1], lines[0], *lines[2:]]))
+    proc = _audit(config, "--verify", "--json")
+    assert proc.returncode == 1
+    document = json.loads(proc.stdout)
+    assert (document["ok"], document["first_bad_line"], document["entries"]) == (False, 1, 0)
+
+
+def test_no_ledger_yet_is_not_an_error(config: Path) -> None:
+    show = _audit(config)
+    assert (show.returncode, show.stdout) == (0, "")
+    assert "no entries yet" in show.stderr
+    check = _audit(config, "--verify")
+    assert check.returncode == 0 and "no ledger yet" in check.stdout
+
+
+def test_a_line_that_is_not_an_entry_fails_show_and_points_to_verify(
+    config: Path, ledger: Path
+) -> None:
+    ledger.write_bytes(b"garbage\n" + ledger.read_bytes())
+    proc = _audit(config)
+    assert proc.returncode == 1
+    assert "line 1 is not a ledger entry" in proc.stderr and "--verify" in proc.stderr
+
+
+def test_an_invalid_config_exits_78(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("state_dir: [1, 2]\nnope: true\n")
+    proc = _audit(bad, "--verify")
+    assert proc.returncode == 78
