@@ -54,7 +54,7 @@ test-with-engine:
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo:
-	@echo "make demo: not available yet — the end-to-end demo arrives with the reference control plane (see README 'Status')" >&2
+	@echo "make demo: not available yet — the end-to-end demo arrives with its own issue (see README, Status)" >&2
 	@exit 2
 
 docker-up: bootstrap

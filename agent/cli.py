@@ -1,7 +1,9 @@
 """``cloudbender-agent`` commands. The only module that turns errors into exit codes.
 
 Exit codes: 0 success; 1 failure (the daemon stopped on an error, the node is
-unhealthy for ``status``); 3 no daemon answers (as LSB's "program is not running");
+unhealthy for ``status``, the audit chain is broken or the ledger is unreadable for
+``audit``, where a ledger not yet created is 0); 3 no daemon answers (as LSB's "program
+is not running");
 78 the configuration is invalid (EX_CONFIG: systemd's RestartPreventExitStatus).
 """
 
@@ -55,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     jobs.add_argument(
         "--address", metavar="HOST:PORT", help="health server address (default: health.listen)"
     )
+    audit = with_config(sub.add_parser("audit", help="the egress ledger: what left this site"))
+    audit.add_argument("--job", metavar="ID", help="only this job's entries")
+    audit.add_argument("--json", action="store_true", help="JSON lines, as in the ledger")
+    audit.add_argument(
+        "--verify", action="store_true", help="check the hash chain; exit 1 if it is broken"
+    )
     return parser
 
 
@@ -71,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args.config, args.address, as_json=args.json)
         if args.command == "jobs":
             return _jobs(args.config, args.address, as_json=args.json)
+        if args.command == "audit":
+            return _audit(args.config, args.job, as_json=args.json, verify=args.verify)
     except ConfigError as exc:
         _print_config_problems(args.config, exc)
         return EX_CONFIG
@@ -166,6 +176,24 @@ def _status(path: Path | None, address: str | None, *, as_json: bool) -> int:
     document = fetch_status(_health_address(path, address))
     print(json.dumps(document, indent=2, sort_keys=True) if as_json else render_status(document))
     return EX_OK if document.get("healthy") else EX_FAIL
+
+
+def _audit(path: Path | None, job: str | None, *, as_json: bool, verify: bool) -> int:
+    from agent.audit import AuditError, ledger_path
+    from agent.auditcmd import check, show
+
+    ledger = ledger_path(load_config(path).state_dir)
+    try:
+        if verify:
+            return EX_OK if check(ledger, as_json=as_json) else EX_FAIL
+        show(ledger, job, as_json=as_json)
+    except AuditError as exc:
+        print(f"cloudbender-agent: {exc}; run `cloudbender-agent audit --verify`", file=sys.stderr)
+        return EX_FAIL
+    except OSError as exc:
+        print(f"cloudbender-agent: cannot read {ledger}: {exc.strerror}", file=sys.stderr)
+        return EX_FAIL
+    return EX_OK
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import os
 import signal
 import time
 import urllib.request
@@ -42,13 +40,14 @@ from agent.health.facts import (
     watchdog_ok,
 )
 from agent.health.metrics import AgentCollector, build_registry, render
-from agent.health.server import Endpoints, HealthServer
+from agent.health.server import LOOPBACK_HTTP, Endpoints, HealthServer
 from agent.health.status import status_document
 from agent.hostinfo import HostSampler
 from agent.jobs.setup import JobSystem, build_jobs
 from agent.jobs.store import StoreError
 from agent.reload import plan_reload
 from agent.runtime.base import Runtime
+from agent.statedir import check_state_dir, prepare_state_dir
 from agent.systemd import Notifier
 
 log = structlog.get_logger(__name__)
@@ -220,8 +219,21 @@ class Daemon:
                 await asyncio.sleep(STATE_DIR_CHECK_S)
         self._jobs.manager.on_change.append(self._publish_jobs)
         self._publish_jobs()
+        self._spawn(self._recover_jobs(self._jobs), "job-recovery")
         if self.config.control_plane is not None:
             await self._connection(self.config.control_plane).run()
+
+    async def _recover_jobs(self, jobs: JobSystem) -> None:
+        # Until the engine answers, nothing can be said about the containers: wait for
+        # it rather than declare running jobs lost.
+        while True:
+            try:
+                containers = await asyncio.to_thread(self._runtime.list_jobs, self.config.node.id)
+                break
+            except AgentError as exc:
+                log.error("job_recovery_waiting_for_engine", error=str(exc), retry_in_s=10)
+                await asyncio.sleep(10)
+        await jobs.manager.recover(containers)
 
     def _connection(self, cp: ControlPlaneConfig) -> Connection:
         def publish(facts: ControlPlaneFacts) -> None:
@@ -314,53 +326,11 @@ class Daemon:
         return f"{health}; control plane {self.facts.control_plane.state}; {gpus} GPU(s)"
 
 
-def prepare_state_dir(path: Path) -> Problem | None:
-    """Create the state directory (mode 0700) if needed; return a problem or None."""
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        return Problem(
-            "state_dir_unwritable",
-            f"state directory {path} cannot be created: {exc.strerror}",
-            restart_helps=True,
-        )
-    return check_state_dir(path)
-
-
-def check_state_dir(path: Path) -> Problem | None:
-    """Write, fsync and remove a probe file; return a problem or None.
-
-    A full disk is reported but does not starve the watchdog: restarting would not free
-    space, and the agent must keep serving (DESIGN.md §5). Any other write failure
-    (read-only remount, I/O error) is one a restart may cure.
-    """
-    probe = path / f".probe-{os.getpid()}"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"ok")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        probe.unlink()
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            probe.unlink()
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return Problem("state_dir_full", f"state directory {path} is full: {exc.strerror}")
-        return Problem(
-            "state_dir_unwritable",
-            f"state directory {path} is not writable: {exc.strerror}",
-            restart_helps=True,
-        )
-    return None
-
-
 def _answers(host: str, port: int) -> bool:
     # READY=1 must mean "the health server answers", not merely "a socket is bound".
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        with urllib.request.urlopen(f"http://{netloc}/healthz", timeout=5) as response:
+        with LOOPBACK_HTTP.open(f"http://{netloc}/healthz", timeout=5) as response:
             return int(response.status) in (200, 503)
     except urllib.error.HTTPError as exc:
         return exc.code == 503

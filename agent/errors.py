@@ -24,11 +24,26 @@ to the low-level cause; only ``agent.cli`` turns them into exit codes.
     │   ├── ContainerStartError      the engine would not start it (OCI runtime, GPU driver)
     │   ├── ContainerNotFound        no container with that id
     │   └── WaitTimeout              wait() gave up; the container is still running
-    └── ModelError           a job's model artifact could not be provided (agent.models)
-        ├── ModelUnavailable         not delivered: unknown artifact, timeout, too large
-        │   └── ModelArchiveUnsafe       the archive breaks the safe-unpack rules, or is unreadable
-        ├── ModelChecksumMismatch    size or sha256 differ from the assignment or artifact.end
-        └── ModelStorageError        the spool or cache could not be written (disk full, …)
+    ├── ModelError           a job's model artifact could not be provided (agent.models)
+    │   ├── ModelUnavailable         not delivered: unknown artifact, timeout, too large
+    │   │   └── ModelArchiveUnsafe       the archive breaks the safe-unpack rules, or is unreadable
+    │   ├── ModelChecksumMismatch    size or sha256 differ from the assignment or artifact.end
+    │   └── ModelStorageError        the spool or cache could not be written (disk full, …)
+    │
+    │   Defined beside the code that raises them:
+    ├── TokenFileError       agent.token_file: the token file is unusable (never quotes it)
+    ├── TlsSettingError      agent.tls: ca_file / client_cert / client_key cannot be used
+    ├── StoreError           agent.jobs.store: the job store cannot be opened or written
+    ├── AuditError           agent.audit: the ledger cannot be opened, read or appended
+    ├── ResultError          agent.results.scan: the output cannot be sent (``reason``)
+    │   ├── ResultInvalid            a link, device, FIFO, socket or bad name
+    │   └── ResultTooLarge           over results.max_bytes / max_files
+    ├── SpoolFull            agent.results.delivery: no space to spool (``no_space``)
+    ├── UploadFailed         agent.results.uploader: rejected three times (``agent_error``)
+    └── ControlPlaneError    agent.controlplane: the reference control plane's own errors
+
+An error that knows the job failure reason of PROTOCOL.md §4 carries it as ``reason``;
+the job runner reports any other as ``agent_error``.
 
 Error messages never contain the control-plane token, nor registry credentials.
 Model errors name the artifact and what differed, never a host path; the job manager

@@ -10,6 +10,7 @@ from typing import Any
 
 from agent.config import split_host_port
 from agent.errors import DaemonUnreachable
+from agent.health.server import LOOPBACK_HTTP
 
 TIMEOUT_S = 5.0
 
@@ -28,7 +29,7 @@ def fetch_status(address: str) -> dict[str, Any]:
     url = f"http://{netloc}/status"
     hint = "is the agent running? (systemctl status cloudbender-agent)"
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+        with LOOPBACK_HTTP.open(url, timeout=TIMEOUT_S) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:
         raise DaemonUnreachable(f"{url} answered HTTP {exc.code}; {hint}") from exc

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -25,6 +26,10 @@ from agent.health.facts import Problem
 log = structlog.get_logger(__name__)
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Clients of the health server (the readiness self-check, the status command) ignore
+# HTTP_PROXY: a proxy would reach its own loopback, not this machine's.
+LOOPBACK_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @dataclass(frozen=True)

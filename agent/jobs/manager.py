@@ -22,17 +22,19 @@ from typing import Any
 
 import structlog
 
+from agent.audit import AuditLedger
 from agent.config import Config
 from agent.connection import Link
 from agent.errors import AgentError
 from agent.gpu.base import GpuInventory
 from agent.jobs.admission import Admitted, Rejected, admit
 from agent.jobs.model import ORDER, State, check_transition
-from agent.jobs.runner import JobRunner, RunnerContext
+from agent.jobs.runner import JobRunner, Resume, RunnerContext
 from agent.jobs.store import JobRecord, JobStore
 from agent.jobs.uplink import Uplink
 from agent.protocol import messages as m
 from agent.protocol.session import PeerError
+from agent.runtime.base import ContainerState
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +50,7 @@ class JobManager:
         node_cpus: Callable[[], int],
         gpu_support: Callable[[], bool],
         gpus: Callable[[], GpuInventory | None],
+        audit: AuditLedger | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -56,6 +59,7 @@ class JobManager:
         self._node_cpus = node_cpus
         self._gpu_support = gpu_support
         self._gpus = gpus
+        self._audit = audit
         self._records: dict[str, JobRecord] = {r.job_id: r for r in store.unacknowledged()}
         self._runners: dict[str, JobRunner] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -141,6 +145,14 @@ class JobManager:
             return
         self._records[job_id] = record
         self._changed()
+        if self._audit is not None:
+            self._audit.job_assigned(
+                job_id,
+                assign.image.ref,
+                assign.image.digest,
+                assign.model.sha256 if assign.model else None,
+                assign.datastore,
+            )
         log.info("job_accepted", job_id=job_id, image=assign.image.ref, datastore=assign.datastore)
         await self.uplink.send(m.job_accepted(job_id))
         await self._send_state(record)
@@ -150,10 +162,10 @@ class JobManager:
         log.info("job_rejected", job_id=job_id, code=code, detail=detail)
         await self.uplink.send(m.job_rejected(job_id, code, detail))
 
-    def _start(self, job: Admitted) -> None:
+    def _start(self, job: Admitted, resume: Resume | None = None) -> None:
         runner = JobRunner(self._ctx, job, lambda s, r, e: self._transition(job.job_id, s, r, e))
         self._runners[job.job_id] = runner
-        task = asyncio.create_task(runner.run(), name=f"job-{job.job_id}")
+        task = asyncio.create_task(runner.run(resume), name=f"job-{job.job_id}")
         self._tasks[job.job_id] = task
         task.add_done_callback(lambda _t: self._forget_runner(job.job_id))
 
@@ -187,6 +199,67 @@ class JobManager:
         self._changed()
         log.info("job_acknowledged", job_id=job_id)
 
+    # -- after a restart ------------------------------------------------------------------
+
+    async def recover(self, containers: list[ContainerState]) -> None:
+        """Pick up every unfinished job from the store, given this node's job containers.
+
+        A running or exited container is re-adopted (its end is awaited, then results
+        are collected as usual); a job that was uploading resumes from its spool; one
+        that had not started yet starts again; one whose container vanished ends
+        ``failed`` / ``container_lost``. Containers of jobs that ended, or that the
+        store does not know, are removed: nothing runs that nobody owns.
+        """
+        by_job = {c.job_id: c for c in containers if c.job_id is not None}
+        for record in list(self._records.values()):
+            if record.state.terminal:
+                continue
+            container = by_job.pop(record.job_id, None)
+            job = self._readmit(record)
+            if job is None:
+                await self._remove(container)
+                await self._transition(record.job_id, State.FAILED, "agent_error", None)
+            elif record.state is State.UPLOADING:
+                self._start(job, Resume(uploading=True))
+            elif container is not None and container.status != "created":
+                log.info("job_readopted", job_id=record.job_id, container=container.id[:12])
+                self._start(job, Resume(container_id=container.id, gpus=record.gpu_uuids))
+            elif record.state is State.RUNNING:
+                await self._remove(container)
+                await self._transition(record.job_id, State.FAILED, "container_lost", None)
+            else:  # never started: start again from the top
+                await self._remove(container)
+                self._start(job)
+        for container in by_job.values():
+            log.warning("container_reaped", job_id=container.job_id, container=container.id[:12])
+            await self._remove(container)
+
+    def _readmit(self, record: JobRecord) -> Admitted | None:
+        try:
+            assign = m.JobAssign.model_validate({**record.assignment, "type": "job.assign"})
+        except ValueError as exc:
+            log.error("job_unrecoverable", job_id=record.job_id, error=str(exc))
+            return None
+        decision = admit(
+            assign,
+            self._config(),
+            node_cpus=self._node_cpus(),
+            gpus=self._gpus(),
+            gpu_support=self._gpu_support(),
+        )
+        if isinstance(decision, Rejected):
+            log.error("job_unrecoverable", job_id=record.job_id, refused=decision.detail)
+            return None
+        return decision
+
+    async def _remove(self, container: ContainerState | None) -> None:
+        if container is None:
+            return
+        try:
+            await asyncio.to_thread(self._ctx.runtime.remove, container.id)
+        except AgentError as exc:
+            log.error("container_remove_failed", container=container.id[:12], error=str(exc))
+
     # -- the one place a job changes state -------------------------------------------------
 
     async def _transition(
@@ -207,6 +280,8 @@ class JobManager:
             self.ended[(state.value, reason or "")] += 1
         self._store.update(record)
         self._changed()
+        if state.terminal and self._audit is not None:
+            self._audit.job_ended(job_id, state.value, reason, exit_code)
         log.info("job_state", job_id=job_id, state=state.value, reason=reason, exit_code=exit_code)
         await self._send_state(record)
 

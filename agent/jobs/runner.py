@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from agent.audit import AuditLedger
 from agent.errors import (
     AgentError,
     ContainerCreateError,
@@ -30,12 +31,13 @@ from agent.errors import (
     ImageDigestMismatch,
     ImageNotFound,
     ImagePullFailed,
-    ModelError,
     WaitTimeout,
 )
 from agent.jobs.admission import Admitted
 from agent.jobs.gpus import GpuLeases
-from agent.jobs.model import State
+from agent.jobs.model import FAILURE_REASONS, State
+from agent.models.cache import ModelCache
+from agent.results.delivery import ResultDelivery
 from agent.runtime.base import ContainerSpec, ContainerState, Runtime
 
 log = structlog.get_logger(__name__)
@@ -52,6 +54,15 @@ class JobEnded(Exception):
     def __init__(self, state: State, reason: str, exit_code: int | None = None) -> None:
         super().__init__(f"{state.value}/{reason}")
         self.state, self.reason, self.exit_code = state, reason, exit_code
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a re-adopted job picks up after an agent restart."""
+
+    container_id: str | None = None
+    gpus: tuple[str, ...] = ()
+    uploading: bool = False
 
 
 class Signal:
@@ -86,9 +97,9 @@ class RunnerContext:
     gpu_inventory: Callable[[], Any]
     resources_changed: Signal
     wait_pool: ThreadPoolExecutor
-    acquire_model: Callable[[str, Any, float], Awaitable[Path]] | None = None
-    release_model: Callable[[str], None] | None = None
-    deliver_results: Callable[[str, Path, Admitted], Awaitable[None]] | None = None
+    results: ResultDelivery
+    models: ModelCache | None = None
+    audit: AuditLedger | None = None
     on_container: Callable[[str, str, tuple[str, ...]], None] | None = None
     pull_timeout_s: float = 1800.0
 
@@ -109,7 +120,7 @@ class JobRunner:
     def output_dir(self) -> Path:
         return self._ctx.jobs_dir / self.job_id / "output"
 
-    async def run(self) -> None:
+    async def run(self, resume: Resume | None = None) -> None:
         """Drive the job to its terminal state. Never raises, but ``CancelledError``.
 
         Cancelling this task means the agent is shutting down, not that the job is
@@ -117,12 +128,16 @@ class JobRunner:
         re-adopted at the next start (DESIGN.md §5).
         """
         try:
-            await self._run()
+            await self._run(resume)
         except JobEnded as end:
             await self._end(end.state, end.reason, end.exit_code)
         except AgentError as exc:
-            log.error("job_failed", job_id=self.job_id, error=str(exc))
-            await self._end(State.FAILED, "agent_error", None)
+            # Errors that know their PROTOCOL.md failure reason carry it as ``reason``
+            # (model, result, spool and upload errors); anything else is agent_error.
+            reason = getattr(exc, "reason", None)
+            reason = reason if reason in FAILURE_REASONS else "agent_error"
+            log.error("job_failed", job_id=self.job_id, reason=reason, error=str(exc))
+            await self._end(State.FAILED, reason, None)
         except asyncio.CancelledError:
             log.info("job_left_running", job_id=self.job_id, container=self.container_id)
             raise
@@ -138,7 +153,26 @@ class JobRunner:
         finally:
             await self._transition(state, reason, exit_code)
 
-    async def _run(self) -> None:
+    async def _run(self, resume: Resume | None) -> None:
+        if resume is not None and resume.uploading:
+            await self._upload()
+        if resume is not None and resume.container_id is not None:
+            # Re-adopted after an agent restart: the container is the engine's, still
+            # running or already exited; carry on from waiting for its end.
+            self.container_id, self.gpus = resume.container_id, resume.gpus
+            self._ctx.leases.restore(self.job_id, self.gpus)
+            await self._transition(State.RUNNING, None, None)
+        else:
+            await self._prepare_and_start()
+        exited = await self._wait_for_exit()
+        if exited.oom_killed:
+            raise JobEnded(State.FAILED, "oom_killed", exited.exit_code)
+        if exited.exit_code != 0:
+            raise JobEnded(State.FAILED, "exit_nonzero", exited.exit_code)
+        await self._transition(State.UPLOADING, None, None)
+        await self._upload()
+
+    async def _prepare_and_start(self) -> None:
         self.gpus = await self._lease_gpus()
         await self._transition(State.PREPARING, None, None)
         image_id = await self._until_cancelled(self._image())
@@ -159,16 +193,14 @@ class JobRunner:
             log.error("container_start_failed", job_id=self.job_id, error=str(exc))
             raise JobEnded(State.FAILED, "container_error") from exc
         await self._transition(State.RUNNING, None, None)
-        exited = await self._wait_for_exit()
-        if exited.oom_killed:
-            raise JobEnded(State.FAILED, "oom_killed", exited.exit_code)
-        if exited.exit_code != 0:
-            raise JobEnded(State.FAILED, "exit_nonzero", exited.exit_code)
-        await self._transition(State.UPLOADING, None, None)
-        if self._ctx.deliver_results is not None:
-            await self._until_cancelled(
-                self._ctx.deliver_results(self.job_id, self.output_dir(), self._job)
-            )
+        await self._audit_start(self.container_id)
+
+    async def _upload(self) -> None:
+        results = self._ctx.results
+        manifest = await results.spool_output(
+            self.job_id, self.output_dir(), self._job.max_result_bytes, self._job.max_result_files
+        )
+        await self._until_cancelled(results.deliver(manifest))
         raise JobEnded(State.SUCCEEDED, "completed", 0)
 
     # -- steps ----------------------------------------------------------------------------
@@ -213,15 +245,13 @@ class JobRunner:
 
     async def _model(self) -> Path | None:
         model = self._job.model
-        if model is None or self._ctx.acquire_model is None:
+        if model is None:
             return None
-        try:
-            return await self._until_cancelled(
-                self._ctx.acquire_model(self.job_id, model, float(self._job.timeout_s))
-            )
-        except ModelError as exc:
-            log.error("model_failed", job_id=self.job_id, reason=exc.reason, error=str(exc))
-            raise JobEnded(State.FAILED, exc.reason) from exc
+        if self._ctx.models is None:
+            raise JobEnded(State.FAILED, "model_unavailable")
+        return await self._until_cancelled(
+            self._ctx.models.acquire(self.job_id, model, float(self._job.timeout_s))
+        )
 
     def _spec(self, image_id: str, model_dir: Path | None, output: Path) -> ContainerSpec:
         job = self._job
@@ -242,6 +272,13 @@ class JobRunner:
             tmp_mib=job.tmp_mib,
             gpu_uuids=self.gpus,
         )
+
+    async def _audit_start(self, cid: str) -> None:
+        audit = self._ctx.audit
+        if audit is None:
+            return
+        isolation = await asyncio.to_thread(self._ctx.runtime.applied_isolation, cid)
+        await asyncio.to_thread(audit.container_started, self.job_id, cid, isolation)
 
     async def _wait_for_exit(self) -> ContainerState:
         """The container's end, or stop it on cancel or timeout and end the job so."""
@@ -307,8 +344,8 @@ class JobRunner:
                 await asyncio.to_thread(self._ctx.runtime.remove, self.container_id)
             except ContainerRuntimeError as exc:
                 log.error("container_remove_failed", job_id=self.job_id, error=str(exc))
-        if self._ctx.release_model is not None:
-            self._ctx.release_model(self.job_id)
+        if self._ctx.models is not None:
+            self._ctx.models.release(self.job_id)
         self._ctx.leases.release(self.job_id)
         self._ctx.resources_changed.fire()
 

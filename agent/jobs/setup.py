@@ -11,13 +11,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.audit import AuditError, AuditLedger, ledger_path
 from agent.config import Config
+from agent.errors import ModelStorageError
 from agent.gpu.base import GpuInventory
 from agent.jobs.gpus import GpuLeases
 from agent.jobs.manager import JobManager
 from agent.jobs.runner import RunnerContext, Signal
-from agent.jobs.store import JobStore
+from agent.jobs.store import JobStore, StoreError
 from agent.jobs.uplink import Uplink
+from agent.models.cache import ModelCache
+from agent.models.fetch import ArtifactFetcher
+from agent.protocol import messages as m
+from agent.results.delivery import ResultDelivery
+from agent.results.spool import Spool
+from agent.results.uploader import Uploader
 from agent.runtime.base import Runtime
 
 
@@ -27,10 +35,14 @@ class JobSystem:
     store: JobStore
     ctx: RunnerContext
     wait_pool: ThreadPoolExecutor
+    fetcher: ArtifactFetcher
+    audit: AuditLedger
 
     async def close(self) -> None:
         """Stop runners (containers keep running), release threads, close the store."""
         await self.manager.stop()
+        await self.fetcher.close()
+        self.audit.close()
         self.wait_pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
@@ -51,6 +63,24 @@ def build_jobs(
     wait_pool = ThreadPoolExecutor(
         max_workers=first.limits.max_concurrent_jobs + 1, thread_name_prefix="job-wait"
     )
+    uplink = Uplink()
+    try:
+        audit = AuditLedger(ledger_path(state_dir))
+    except AuditError as exc:
+        raise StoreError(f"audit ledger: {exc}") from exc
+    spool = Spool(state_dir / "spool")
+    uploader = Uploader(
+        uplink,
+        spool,
+        before_send=lambda mf: audit.result_files_sent(
+            mf.job_id, [(f.path, f.size, f.sha256) for f in mf.files]
+        ),
+    )
+    fetcher = ArtifactFetcher(uplink, state_dir / "artifacts")
+    try:
+        models = ModelCache(state_dir / "models", first.models.cache_max_mib, fetcher)
+    except ModelStorageError as exc:
+        raise StoreError(str(exc)) from exc
     ctx = RunnerContext(
         runtime=runtime,
         leases=GpuLeases(),
@@ -62,14 +92,39 @@ def build_jobs(
         gpu_inventory=gpus,
         resources_changed=Signal(),
         wait_pool=wait_pool,
+        results=ResultDelivery(
+            spool,
+            uploader,
+            on_accepted=lambda mf: audit.result_accepted(mf.job_id, len(mf.files), mf.total_bytes),
+        ),
+        models=models,
+        audit=audit,
     )
     manager = JobManager(
         config=config,
         store=store,
         ctx=ctx,
-        uplink=Uplink(),
+        uplink=uplink,
         node_cpus=node_cpus,
         gpu_support=gpu_support,
         gpus=gpus,
+        audit=audit,
     )
-    return JobSystem(manager, store, ctx, wait_pool)
+    manager.routes.append(uploader.route)
+    manager.routes.append(_artifact_route(fetcher))
+    manager.error_routes.append(fetcher.on_error)
+    manager.on_session.append(fetcher.on_session)
+    return JobSystem(manager, store, ctx, wait_pool, fetcher, audit)
+
+
+def _artifact_route(fetcher: ArtifactFetcher) -> Callable[[m.Incoming], bool]:
+    def route(message: m.Incoming) -> bool:
+        if isinstance(message, m.ArtifactChunk):
+            fetcher.on_chunk(message)
+            return True
+        if isinstance(message, m.ArtifactEnd):
+            fetcher.on_end(message)
+            return True
+        return False
+
+    return route

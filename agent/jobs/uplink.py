@@ -23,6 +23,8 @@ class Uplink:
     def __init__(self) -> None:
         self._link: Link | None = None
         self._connected = asyncio.Event()
+        self._disconnected = asyncio.Event()
+        self._disconnected.set()
         # Increases with every session, so a waiter can tell a new session from the old.
         self.generation = 0
 
@@ -33,11 +35,17 @@ class Uplink:
     def attach(self, link: Link) -> None:
         self._link = link
         self.generation += 1
+        self._disconnected.clear()
         self._connected.set()
 
     def detach(self) -> None:
         self._link = None
         self._connected.clear()
+        self._disconnected.set()
+
+    async def wait_disconnected(self) -> None:
+        """Return when the current session (if any) has ended."""
+        await self._disconnected.wait()
 
     async def wait_connected(self) -> int:
         """Wait for an established session; return its generation."""

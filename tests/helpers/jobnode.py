@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,19 @@ class JobNode:
     state_dir: Path
     data_dir: Path
     docker: docker.DockerClient
+    config_path: Path
+    tmp_path: Path
+    _stack: contextlib.ExitStack
+
+    def restart_agent(self, between: Callable[[], None] | None = None) -> None:
+        """SIGTERM the agent (exit 0 expected), run ``between``, start it again."""
+        code, _ = self.agent.stop()
+        assert code == 0, self.agent.log()
+        if between is not None:
+            between()
+        self.agent = self._stack.enter_context(
+            running_agent(self.config_path, self.agent.port, self.tmp_path)
+        )
 
     def assign(self, job_id: str, script: str | None = None, **fields: Any) -> None:
         message: dict[str, Any] = {
@@ -99,7 +112,12 @@ class JobNode:
         raise AssertionError(f"no {status} container for {job_id}")
 
     def output_dir(self, job_id: str) -> Path:
+        """The job's output on the node (gone once its results are spooled)."""
         return self.state_dir / "jobs" / job_id / "output"
+
+    def result(self, job_id: str, path: str) -> bytes:
+        """A result file as the control plane received and accepted it."""
+        return self.cp.result_files(self.node_id, job_id)[path].read_bytes()
 
 
 @contextlib.contextmanager
@@ -126,10 +144,22 @@ def job_node(
         else:
             config[section] = values
     port = int(config["health"]["listen"].rsplit(":", 1)[1])
+    config_path = write_config(tmp_path, config)
     try:
-        with running_agent(write_config(tmp_path, config), port, tmp_path) as agent:
+        with contextlib.ExitStack() as stack:
+            agent = stack.enter_context(running_agent(config_path, port, tmp_path))
             cp.wait_for_node(node_id, timeout=seconds(20))
-            yield JobNode(cp, agent, node_id, Path(config["state_dir"]), data_dir, client)
+            yield JobNode(
+                cp,
+                agent,
+                node_id,
+                Path(config["state_dir"]),
+                data_dir,
+                client,
+                config_path,
+                tmp_path,
+                stack,
+            )
     finally:
         cp.stop()
         for container in client.containers.list(

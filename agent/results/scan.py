@@ -1,0 +1,247 @@
+"""The output gate: a job's output directory → spooled copies and a verified manifest.
+
+Only regular files leave the site. The walk never follows a link: directories are
+opened relative to their parent's descriptor with ``O_NOFOLLOW | O_DIRECTORY``, files
+with ``O_NOFOLLOW | O_NONBLOCK`` and checked with ``fstat`` on the descriptor that is
+then read, so a name swapped for a link or a FIFO between the check and the read is
+still refused. A symbolic link, device, FIFO or socket anywhere ends the job
+``result_invalid``; totals over the limits end it ``result_too_large``; in either case
+nothing is copied or sent.
+
+The whole tree is checked first, then each file is copied into the spool while being
+hashed, in one pass: what is sent later is exactly what was hashed, and the job's
+directory can no longer change it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import AgentError
+
+COPY_BLOCK = 1024 * 1024
+MAX_DEPTH = 64
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class ResultError(AgentError):
+    """The job's output cannot be sent; ``reason`` is the PROTOCOL.md failure reason."""
+
+    reason = "result_invalid"
+
+
+class ResultInvalid(ResultError):
+    """A link, device, FIFO, socket or unusable name in the output."""
+
+
+class ResultTooLarge(ResultError):
+    reason = "result_too_large"
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    index: int
+    path: str  # relative, '/'-separated
+    size: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"index": self.index, "path": self.path, "size": self.size, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class _Found:
+    path: str
+    size: int
+    parts: tuple[str, ...]
+
+
+@contextmanager
+def _opened(name: str, flags: int, dir_fd: int | None) -> Iterator[int]:
+    fd = os.open(name, flags, dir_fd=dir_fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _kind(mode: int) -> str:
+    for test, word in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return word
+    return "not a regular file"
+
+
+def _check_name(name: str, where: str) -> None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ResultInvalid(f"{where}: a name that is not UTF-8") from None
+
+
+@dataclass
+class _Budget:
+    bytes_left: int
+    files_left: int
+    dirs_left: int  # a tree of empty directories costs a walk too
+
+
+def _walk(dir_fd: int, prefix: tuple[str, ...], found: list[_Found], budget: _Budget) -> None:
+    if len(prefix) > MAX_DEPTH:
+        raise ResultInvalid(f"{'/'.join(prefix)}: directories nested deeper than {MAX_DEPTH}")
+    with os.scandir(dir_fd) as entries:
+        names = sorted(entry.name for entry in entries)
+    for name in names:
+        parts = (*prefix, name)
+        rel = "/".join(parts)
+        _check_name(name, rel)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            budget.dirs_left -= 1
+            if budget.dirs_left < 0:
+                raise ResultTooLarge("too many directories in the output")
+            with _opened(name, _DIR_FLAGS, dir_fd) as sub:
+                _walk(sub, parts, found, budget)
+        elif stat.S_ISREG(st.st_mode):
+            found.append(_Found(rel, st.st_size, parts))
+            budget.bytes_left -= st.st_size
+            budget.files_left -= 1
+            if budget.files_left < 0:
+                raise ResultTooLarge("more result files than allowed")
+            if budget.bytes_left < 0:
+                raise ResultTooLarge("results larger than allowed")
+        else:
+            raise ResultInvalid(f"{rel} is {_kind(st.st_mode)}")
+
+
+def check_output(output_dir: Path, max_bytes: int, max_files: int) -> list[tuple[str, int]]:
+    """Walk the output without following links: ``[(relative path, size)]`` in path order.
+
+    Raises :class:`ResultInvalid` or :class:`ResultTooLarge`. The output directory
+    itself must be a real directory (a link in its place is refused too).
+    """
+    found: list[_Found] = []
+    try:
+        with _opened(str(output_dir), _DIR_FLAGS, None) as root:
+            _walk(root, (), found, _Budget(max_bytes, max_files, max_files))
+    except ResultTooLarge as exc:
+        raise ResultTooLarge(f"{exc} (at most {max_files} files, {max_bytes} bytes)") from None
+    except OSError as exc:
+        raise ResultInvalid(f"output cannot be read: {exc.strerror}") from exc
+    return [(f.path, f.size) for f in found]
+
+
+def copy_into_spool(
+    output_dir: Path, files: list[tuple[str, int]], spool_files: Path
+) -> list[ResultFile]:
+    """Move (or, across file systems, copy) each checked file to ``spool_files/<index>``
+    and hash it there, where the job can no longer reach it.
+
+    A rename moves no data, so spooling costs one read (the hash) per file; the copy
+    fallback reads and writes once, hashing in the same pass. Raises
+    :class:`ResultInvalid` when a file is no longer the regular file of the size that
+    was checked.
+    """
+    spool_files.mkdir(mode=0o700, parents=True, exist_ok=True)
+    view = memoryview(bytearray(COPY_BLOCK))
+    out: list[ResultFile] = []
+    for index, (rel, size) in enumerate(files):
+        dst = spool_files / str(index)
+        parts = rel.split("/")
+        try:
+            parent = _open_parent(output_dir, parts)
+        except OSError as exc:
+            raise ResultInvalid(f"{rel} cannot be reached without a link: {exc.strerror}") from exc
+        try:
+            st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                raise ResultInvalid(f"{rel} changed after it was checked")
+            try:
+                os.rename(parts[-1], dst, src_dir_fd=parent)
+                digest = _hash_spooled(dst, size, rel, view)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise ResultInvalid(f"{rel} cannot be moved: {exc.strerror}") from exc
+                digest = _copy_hashing(parent, parts[-1], dst, size, rel, view)
+        finally:
+            os.close(parent)
+        out.append(ResultFile(index, rel, size, digest))
+    return out
+
+
+def _open_parent(output_dir: Path, parts: list[str]) -> int:
+    """A descriptor of the directory holding ``parts[-1]``, no link followed on the way."""
+    fd = os.open(str(output_dir), _DIR_FLAGS)
+    try:
+        for part in parts[:-1]:
+            sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _hash_spooled(path: Path, size: int, rel: str, view: memoryview) -> str:
+    fd = os.open(path, _FILE_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            raise ResultInvalid(f"{rel} changed while it was spooled")
+        # The job's user owned it; in the spool it is root's alone.
+        os.fchown(fd, 0, 0)
+        os.fchmod(fd, 0o600)
+        digest, read = hashlib.sha256(), 0
+        while n := os.readv(fd, [view]):
+            digest.update(view[:n])
+            read += n
+    finally:
+        os.close(fd)
+    if read != size:
+        raise ResultInvalid(f"{rel} changed while it was spooled")
+    return digest.hexdigest()
+
+
+def _copy_hashing(parent: int, name: str, dst: Path, size: int, rel: str, view: memoryview) -> str:
+    try:
+        src = os.open(name, _FILE_FLAGS, dir_fd=parent)
+    except OSError as exc:
+        raise ResultInvalid(f"{rel} cannot be opened as a regular file: {exc.strerror}") from exc
+    digest, copied = hashlib.sha256(), 0
+    try:
+        st = os.fstat(src)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            raise ResultInvalid(f"{rel} changed after it was checked")
+        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            while n := os.readv(src, [view]):
+                digest.update(view[:n])
+                _write_all(out, view[:n])
+                copied += n
+        finally:
+            os.close(out)
+    finally:
+        os.close(src)
+    if copied != size:
+        raise ResultInvalid(f"{rel} changed while it was copied")
+    return digest.hexdigest()
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]

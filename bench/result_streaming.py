@@ -1,0 +1,149 @@
+"""Result streaming (DESIGN.md §6), measured against baselines in the same run.
+
+1. One 1 GiB result file: from the job's exit (``job.state uploading`` at the control
+   plane) to ``result.accepted``, through the real agent and the reference control
+   plane on loopback — spooling (copy + sha256), streaming with flow control, the CP
+   storing and verifying — against raw asyncio TCP moving the same bytes from disk
+   over loopback. Prints the throughput ratio (goal ≥ 0.8) and the agent's RSS growth
+   while streaming (goal < 32 MiB).
+2. 10,000 result files of 1 KiB against one file of the same total size, both through
+   the agent. Prints the time ratio (goal ≤ 2).
+
+Run: ``.venv/bin/python bench/result_streaming.py`` with a Docker engine up and the
+local test image built (``make images``). Needs about 4 GiB of free disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import docker
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.helpers.jobnode import JobNode, job_node
+
+MIB = 1024 * 1024
+
+
+def log_time(node: JobNode, event: str, job_id: str) -> float:
+    for line in node.agent.log().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") == event and entry.get("job_id") == job_id:
+            return datetime.fromisoformat(entry["timestamp"]).timestamp()
+    raise AssertionError(f"no {event} for {job_id} in the agent's log")
+
+
+def upload_seconds(node: JobNode, job_id: str, script: str) -> tuple[float, int]:
+    """Seconds from ``uploading`` to accepted at the CP, and the agent's peak RSS growth."""
+    proc = psutil.Process(node.agent.proc.pid)
+    node.assign(job_id, script, timeout_s=3600)
+    node.wait_state(job_id, "uploading", timeout=600)
+    started = time.perf_counter()
+    base = proc.memory_info().rss
+    peak = base
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    end = node.wait_end(job_id, timeout=600)
+    took = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    assert end["state"] == "succeeded", end
+    return took, peak - base
+
+
+async def raw_tcp_seconds(path: Path) -> float:
+    """Send ``path`` over asyncio TCP on loopback to a receiver that reads it all."""
+    size = os.stat(path).st_size
+    done = asyncio.get_running_loop().create_future()
+
+    async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got = 0
+        while chunk := await reader.read(MIB):
+            got += len(chunk)
+        writer.close()
+        done.set_result(got)
+
+    server = await asyncio.start_server(receive, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    started = time.perf_counter()
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    with open(path, "rb") as f:  # noqa: ASYNC230 - the baseline reads as the agent does
+        while chunk := f.read(MIB):
+            writer.write(chunk)
+            await writer.drain()
+    writer.close()
+    got = await done
+    took = time.perf_counter() - started
+    server.close()
+    assert got == size
+    return took
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mib", type=int, default=1024, help="size of the big result")
+    parser.add_argument("--small-files", type=int, default=10_000)
+    args = parser.parse_args()
+    client = docker.from_env()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        limits = {"max_memory_mib": 512}
+        results = {"max_bytes": 4 * 1024 * MIB, "max_files": 20_000}
+        with job_node(tmp_path / "node", client, limits=limits, results=results) as node:
+            big = f"dd if=/dev/urandom of=/opt/output/big.bin bs=1M count={args.mib} 2>/dev/null"
+            agent_s, rss_growth = upload_seconds(node, "bench-big", big)
+            spooled = log_time(node, "results_spooled", "bench-big")
+            stream_s = log_time(node, "results_accepted", "bench-big") - spooled
+            spool_file = node.state_dir / "spool" / "bench-big" / "files" / "0"
+            raw_s = asyncio.run(raw_tcp_seconds(spool_file))
+            n = args.small_files
+            many = (
+                "cd /opt/output && i=0; while [ $i -lt "
+                f"{n} ]; do head -c 1024 /dev/urandom > f$i; i=$((i+1)); done"
+            )
+            many_s, _ = upload_seconds(node, "bench-many", many)
+            one = f"head -c {n * 1024} /dev/urandom > /opt/output/one.bin"
+            one_s, _ = upload_seconds(node, "bench-one", one)
+    size = args.mib * MIB
+
+    def rate(seconds: float) -> str:
+        return f"{seconds:6.2f} s  {size / seconds / MIB:7.1f} MiB/s"
+
+    print(f"result streaming, {args.mib} MiB, loopback, this machine:")
+    print(f"  job exit -> accepted (spool + stream):  {rate(agent_s)}")
+    print(f"  spooled -> accepted (streaming):        {rate(stream_s)}")
+    print(f"  raw asyncio TCP, the same spooled file: {rate(raw_s)}")
+    print(f"  throughput ratio streaming / raw:       {raw_s / stream_s:6.2f}  (goal >= 0.8)")
+    print(f"  throughput ratio end to end / raw:      {raw_s / agent_s:6.2f}")
+    print(f"  agent RSS growth while streaming:       {rss_growth / MIB:6.1f} MiB (goal < 32 MiB)")
+    print(f"{n} files of 1 KiB vs one file of {n} KiB, through the agent:")
+    print(
+        f"  many: {many_s:6.2f} s   one: {one_s:6.2f} s   ratio {many_s / one_s:5.2f} (goal <= 2)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
