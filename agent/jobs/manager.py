@@ -61,6 +61,7 @@ class JobManager:
         self._gpus = gpus
         self._audit = audit
         self._records: dict[str, JobRecord] = {r.job_id: r for r in store.unacknowledged()}
+        self._from_store = frozenset(self._records)
         self._runners: dict[str, JobRunner] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.ended = Counter[tuple[str, str]]()
@@ -212,7 +213,11 @@ class JobManager:
         """
         by_job = {c.job_id: c for c in containers if c.job_id is not None}
         for record in list(self._records.values()):
-            if record.state.terminal:
+            # Only unfinished jobs from before the restart: one assigned since (recovery
+            # waits for the engine while the link is up) already has its runner.
+            if record.state.terminal or record.job_id not in self._from_store:
+                continue
+            if record.job_id in self._runners:
                 continue
             container = by_job.pop(record.job_id, None)
             job = self._readmit(record)
@@ -231,6 +236,8 @@ class JobManager:
                 await self._remove(container)
                 self._start(job)
         for container in by_job.values():
+            if container.job_id in self._runners:
+                continue  # assigned and created while the engine was being listed
             log.warning("container_reaped", job_id=container.job_id, container=container.id[:12])
             await self._remove(container)
 
