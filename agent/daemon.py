@@ -52,7 +52,7 @@ from agent.systemd import Notifier
 
 log = structlog.get_logger(__name__)
 
-SAMPLE_INTERVAL_S = 5.0
+SAMPLE_INTERVAL_S = 10.0  # GPU and host telemetry; heartbeats (15 s) carry the latest
 STATE_DIR_CHECK_S = 30.0
 RUNTIME_PROBE_S = 60.0
 

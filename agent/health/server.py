@@ -130,7 +130,7 @@ class HealthServer:
             ) from exc
         self._thread = threading.Thread(
             target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.2},
+            kwargs={"poll_interval": 1.0},
             name="health-server",
             daemon=True,
         )

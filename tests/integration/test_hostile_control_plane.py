@@ -35,8 +35,9 @@ from agent.health.facts import ControlPlaneFacts
 from agent.protocol import MAX_INCOMING_FRAME, SUBPROTOCOL
 from agent.protocol import messages as m
 from agent.protocol.retry import Backoff
-from agent.protocol.session import PeerError, Stats
+from agent.protocol.session import Stats
 from tests.helpers.env import free_port, seconds, valid_config
+from tests.helpers.handlers import QuietHandler
 from tests.helpers.proc import AgentProcess, running_agent
 from tests.integration.test_control_plane_session import (
     NODE,
@@ -360,26 +361,6 @@ def test_a_frame_the_agent_refuses_is_reported_as_its_own_close(tmp_path: Path, 
 # -- in this process: what a process cannot be made to do from outside ------------------
 
 
-class _Quiet:
-    def hello_jobs(self) -> list[dict[str, str]]:
-        return []
-
-    async def on_established(self, link: Link) -> None:
-        return None
-
-    async def on_message(self, link: Link, message: m.Incoming) -> None:
-        return None
-
-    async def on_invalid_assignment(self, link: Link, job_id: str, detail: str) -> None:
-        return None
-
-    async def on_peer_error(self, link: Link, error: PeerError) -> None:
-        return None
-
-    def on_closed(self) -> None:
-        return None
-
-
 def _config(tmp_path: Path, url: str, **extra: Any) -> ControlPlaneConfig:
     raw = valid_config(tmp_path)
     raw["control_plane"] |= {"url": url, "reconnect": {"initial_s": 0.05, "max_s": 0.5}, **extra}
@@ -405,7 +386,7 @@ def run_connection(
             config,
             hello=lambda jobs: {"type": "hello", "protocol": 1, "node_id": NODE},
             telemetry=telemetry,
-            handler=handler or _Quiet(),
+            handler=handler or QuietHandler(),
             publish=published.append,
             stats=Stats(),
             user_agent="test",
@@ -449,7 +430,7 @@ def test_a_failing_heartbeat_ends_the_session_loudly(tmp_path: Path) -> None:
 
 
 def test_a_handler_error_is_the_agents_not_a_token_or_welcome_problem(tmp_path: Path) -> None:
-    class Failing(_Quiet):
+    class Failing(QuietHandler):
         sessions = 0
 
         async def on_established(self, link: Link) -> None:

@@ -9,34 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import parse_config
-from agent.connection import Connection, Link
+from agent.connection import Connection
 from agent.health.facts import ControlPlaneFacts
-from agent.protocol import messages as m
-from agent.protocol.session import PeerError, Stats
+from agent.protocol.session import Stats
 from tests.helpers.env import free_port, seconds, valid_config
+from tests.helpers.handlers import QuietHandler
 
 AGENTS = 50
 INITIAL_S = 1.0
-
-
-class _Quiet:
-    def hello_jobs(self) -> list[dict[str, str]]:
-        return []
-
-    async def on_established(self, link: Link) -> None:
-        return None
-
-    async def on_message(self, link: Link, message: m.Incoming) -> None:
-        return None
-
-    async def on_invalid_assignment(self, link: Link, job_id: str, detail: str) -> None:
-        return None
-
-    async def on_peer_error(self, link: Link, error: PeerError) -> None:
-        return None
-
-    def on_closed(self) -> None:
-        return None
 
 
 def test_first_reconnects_spread_over_the_window(tmp_path: Path) -> None:
@@ -62,7 +42,7 @@ def test_first_reconnects_spread_over_the_window(tmp_path: Path) -> None:
                 cp,
                 hello=lambda jobs: {"type": "hello"},
                 telemetry=lambda jobs: {},
-                handler=_Quiet(),
+                handler=QuietHandler(),
                 publish=recorder(i),
                 stats=Stats(),
                 user_agent="test",
