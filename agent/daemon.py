@@ -55,6 +55,7 @@ log = structlog.get_logger(__name__)
 SAMPLE_INTERVAL_S = 10.0  # GPU and host telemetry; heartbeats (15 s) carry the latest
 STATE_DIR_CHECK_S = 30.0
 RUNTIME_PROBE_S = 60.0
+JANITOR_S = 600.0
 
 
 class Daemon:
@@ -220,8 +221,20 @@ class Daemon:
         self._jobs.manager.on_change.append(self._publish_jobs)
         self._publish_jobs()
         self._spawn(self._recover_jobs(self._jobs), "job-recovery")
+        self._spawn(self._janitor(self._jobs), "janitor")
         if self.config.control_plane is not None:
             await self._connection(self.config.control_plane).run()
+
+    async def _janitor(self, jobs: JobSystem) -> None:
+        # Delivered results are kept results.retention_h, then deleted; ended jobs are
+        # remembered 7 days for duplicate_job, then forgotten.
+        while True:
+            retention_s = self.config.results.retention_h * 3600
+            gone = await asyncio.to_thread(jobs.ctx.results.spool.purge_delivered, retention_s)
+            if gone:
+                log.info("delivered_results_deleted", jobs=gone)
+            jobs.store.forget_old()
+            await asyncio.sleep(JANITOR_S)
 
     async def _recover_jobs(self, jobs: JobSystem) -> None:
         # Until the engine answers, nothing can be said about the containers: wait for

@@ -6,6 +6,7 @@ import hashlib
 import os
 import socket
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,18 @@ def test_deep_nesting_is_refused_not_a_crash(out: Path) -> None:
     deep.mkdir(parents=True)
     with pytest.raises(ResultInvalid, match="nested deeper than 64"):
         check_output(out, BIG, 100_000)
+
+
+def test_delivered_results_are_deleted_after_retention(tmp_path: Path, out: Path) -> None:
+    (out / "a").write_bytes(b"x")
+    spool = Spool(tmp_path / "spool")
+    spool.store("j-old", out, BIG, 100)
+    spool.mark_delivered("j-old")
+    now = time.time()
+    assert spool.purge_delivered(retention_s=3600, now=now) == []
+    assert spool.load("j-old") is not None
+    (tmp_path / "out2").mkdir()
+    spool.store("j-pending", tmp_path / "out2", BIG, 100)  # not delivered: kept
+    assert spool.purge_delivered(retention_s=3600, now=now + 3601) == ["j-old"]
+    assert spool.load("j-old") is None
+    assert spool.load("j-pending") is not None
