@@ -54,24 +54,22 @@ class Uplink:
 
     async def send(self, message: dict[str, Any]) -> bool:
         """Send on the current session. False (nothing sent) when there is none or it dies."""
-        link = self._link
-        if link is None:
-            return False
-        try:
-            await link.send(message)
-        except Exception as exc:  # the session ended under us; the caller resends later
-            log.info("uplink_send_failed", type=message.get("type"), error=type(exc).__name__)
-            return False
-        return True
+        return await self._attempt(message, None)
 
     async def send_binary(self, header: dict[str, Any], payload: bytes | memoryview) -> bool:
         """Like :meth:`send`, for a binary frame."""
+        return await self._attempt(header, payload)
+
+    async def _attempt(self, message: dict[str, Any], payload: bytes | memoryview | None) -> bool:
         link = self._link
         if link is None:
             return False
         try:
-            await link.send_binary(header, payload)
-        except Exception as exc:
-            log.info("uplink_send_failed", type=header.get("type"), error=type(exc).__name__)
+            if payload is None:
+                await link.send(message)
+            else:
+                await link.send_binary(message, payload)
+        except Exception as exc:  # the session ended under us; the caller resends later
+            log.info("uplink_send_failed", type=message.get("type"), error=type(exc).__name__)
             return False
         return True
