@@ -6,6 +6,7 @@ Images are never pulled: create containers with `containers.create`, not
 `containers.run`, which pulls a missing image.
 """
 
+import ipaddress
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -131,3 +132,18 @@ def job_spec(
         return ContainerSpec(**fields)
 
     return make
+
+
+def bridge_gateway(client: docker.DockerClient) -> str:
+    """The host's address on Docker's default bridge (where a job on that bridge would
+    reach the host).
+
+    An engine started for the first time reports only the bridge's ``Subnet`` in its IPAM
+    config, without ``Gateway``; the gateway is then the subnet's first host address, as
+    dockerd assigns it to ``docker0``.
+    """
+    config = client.networks.get("bridge").attrs["IPAM"]["Config"][0]
+    gateway = config.get("Gateway")
+    if gateway:
+        return str(gateway)
+    return str(next(ipaddress.ip_network(config["Subnet"], strict=False).hosts()))

@@ -11,6 +11,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from tests.docker.conftest import bridge_gateway
 from tests.helpers.env import seconds
 from tests.helpers.jobnode import JobNode, job_node
 
@@ -180,7 +181,7 @@ def _listener(host: str) -> tuple[socket.socket, list[object]]:
 
 
 def test_job_cannot_reach_the_host(node: JobNode) -> None:
-    bridge = node.docker.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]
+    bridge = bridge_gateway(node.docker)
     local, local_seen = _listener("127.0.0.1")
     gateway, gateway_seen = _listener(bridge)
     try:

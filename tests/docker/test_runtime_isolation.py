@@ -23,7 +23,7 @@ from agent.errors import InvalidContainerSpec
 from agent.runtime.base import ContainerSpec
 from agent.runtime.docker import DockerRuntime
 from agent.runtime.verify import verify_attrs
-from tests.docker.conftest import JOB_UID, JobDirs
+from tests.docker.conftest import JOB_UID, JobDirs, bridge_gateway
 from tests.helpers.env import seconds
 
 pytestmark = pytest.mark.docker
@@ -230,7 +230,7 @@ def test_a_job_cannot_reach_the_host_over_the_network(
     test_image: str,
     node_id: str,
 ) -> None:
-    gateway = docker_client.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]
+    gateway = bridge_gateway(docker_client)
     loopback, bridge = Listener("127.0.0.1"), Listener(gateway)
     try:
         script = _egress_script(loopback, bridge)
