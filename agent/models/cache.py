@@ -13,6 +13,14 @@ verified, unpacked and ``entry.json`` written, so a crash never leaves a half en
 that looks valid; at start, anything under ``root`` named like an entry but not
 complete is removed. Names that are neither entries nor dot-names are left alone.
 
+Removing what is left over never stops the agent: a tree that cannot be removed
+(however deep, whatever went wrong) is logged and left in ``.staging`` for the next
+start, since a model cache that refuses to start would put the node in a restart loop
+that one hostile archive could cause. Leftovers are deleted in worker threads when
+the cache is made on a running event loop, so a large one does not stall it. Only a
+``root`` or ``.staging`` that cannot be made or listed is an error
+(:class:`~agent.errors.ModelStorageError`).
+
 Eviction: an entry is removed when no job holds it (:meth:`ModelCache.acquire` or
 :meth:`ModelCache.reserve` without :meth:`ModelCache.release`) and the cache is over
 ``max_mib`` of unpacked file bytes, least recently used first; it runs after every
@@ -22,8 +30,8 @@ release and every new entry. An entry in use is never removed, even over the lim
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,6 +40,7 @@ from typing import Protocol
 import structlog
 
 from agent.errors import ModelStorageError, ModelUnavailable
+from agent.fsutil import discard_tree
 from agent.models import layout
 from agent.models.layout import Entry
 from agent.models.unpack import DEFAULT_MAX_MEMBERS
@@ -209,14 +218,26 @@ class ModelCache:
     def _load(self) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
-        shutil.rmtree(self._staging, ignore_errors=True)
-        self._staging.mkdir(mode=0o700)
+        self._clear_staging()
         for path, entry in list(layout.scan(self.root)):
             if entry is None:
                 log.warning("model_entry_incomplete", sha256=path.name)
                 self._discard(path)
             else:
                 self._entries[entry.sha256] = entry
+
+    def _clear_staging(self) -> None:
+        """Empty ``.staging``: its leftovers go like discarded entries, and what cannot be
+        removed is logged and stays (new names never collide with it). Raises OSError
+        only when ``.staging`` itself cannot be made or listed."""
+        if not self._staging.is_dir() or self._staging.is_symlink():
+            discard_tree(self._staging, event="model_staging_cleanup_failed")
+        self._staging.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self._staging, 0o700)
+        with os.scandir(self._staging) as entries:
+            leftovers = [Path(entry.path) for entry in entries]
+        for leftover in leftovers:
+            self._remove_later(leftover, "model_staging_cleanup_failed")
 
     def _evict(self) -> None:
         total = self.total_bytes()
@@ -241,7 +262,15 @@ class ModelCache:
         except OSError as exc:
             log.warning("model_discard_failed", name=path.name, error=exc.strerror)
             return
+        self._remove_later(trash, "model_discard_failed")
+
+    def _remove_later(self, path: Path, event: str) -> None:
+        """Delete ``path`` (in ``.staging``) in a worker thread, or here without a loop.
+
+        Never raises: a failure is logged as ``event`` and retried at the next start.
+        """
+        remove = functools.partial(discard_tree, path, event=event)
         try:
-            asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, trash, True)
-        except RuntimeError:  # no event loop (at start): delete here
-            shutil.rmtree(trash, ignore_errors=True)
+            asyncio.get_running_loop().run_in_executor(None, remove)
+        except RuntimeError:  # no event loop: delete here
+            remove()

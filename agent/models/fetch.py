@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import structlog
 
 from agent.errors import ModelStorageError, ModelUnavailable
+from agent.fsutil import discard_tree
 from agent.models.download import Download
 from agent.protocol.messages import ArtifactChunk, ArtifactEnd
 
@@ -94,8 +95,19 @@ class ArtifactFetcher:
         self._serial = 0
         spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(spool_dir, 0o700)
-        for leftover in spool_dir.glob(_PREFIX + "*"):
-            leftover.unlink(missing_ok=True)
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        # Never raises: a leftover that cannot be removed costs disk space, an
+        # exception here would stop the agent at every start.
+        try:
+            leftovers = list(self.spool_dir.glob(_PREFIX + "*"))
+        except OSError as exc:
+            log.warning("artifact_spool_cleanup_failed", error=exc.strerror)
+            return
+        for leftover in leftovers:
+            # discard_tree: a directory of that name is not ours either.
+            discard_tree(leftover, event="artifact_spool_cleanup_failed")
 
     def in_flight(self) -> list[str]:
         """The artifacts being downloaded now."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import ModelStorageError
+from agent.fsutil import discard_tree
 from agent.models.unpack import unpack
 
 ENTRY_FILE = "entry.json"
@@ -69,7 +69,9 @@ def build(root: Path, archive: Path, sha: str, *, max_bytes: int, max_members: i
     finally:
         archive.unlink(missing_ok=True)
         if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+            # A leftover stays in .staging, emptied at the next start; the error that
+            # got us here is the one to report.
+            discard_tree(staging, event="model_build_cleanup_failed")
 
 
 def scan(root: Path) -> Iterator[tuple[Path, Entry | None]]:

@@ -5,7 +5,9 @@ control plane meant to send; this module makes sure that those bytes cannot hurt
 node. :func:`unpack` refuses, with :class:`~agent.errors.ModelArchiveUnsafe`, any
 archive with:
 
-- a member name that is absolute, has a ``..`` component, is empty, or is too long;
+- a member name that is absolute, has a ``..`` component, or is empty;
+- a member path over :data:`MAX_PATH_BYTES` bytes (or a component over 255), or more
+  than :data:`MAX_DEPTH` directory levels deep;
 - a member that is not a regular file or a directory (symbolic and hard links, devices,
   FIFOs, GNU sparse files, …);
 - two members for one path (a later member would silently replace an earlier one);
@@ -17,7 +19,15 @@ archive with:
 
 Nothing is extracted in place: members go into a fresh temporary directory next to
 ``dest``, which is renamed to ``dest`` only when every member passed. On any refusal
-the temporary directory is removed and ``dest`` never appears.
+the temporary directory is removed and ``dest`` never appears (should that removal
+fail, it is logged and the directory stays where it was made, in the model cache's
+``.staging``, which the cache empties at start).
+
+Members are written name by name relative to a directory descriptor (``mkdirat``,
+``openat`` with ``O_NOFOLLOW``), so no path handed to the kernel is longer than one
+component, and nothing here recurses: neither the depth nor the length of a member's
+path can hit ``PATH_MAX`` or Python's recursion limit. The depth and length caps exist
+so that whatever removes or walks the tree later need not be this careful.
 
 Modes are normalised: directories ``0755``, files ``0644`` (readable by the job's
 non-root user through the read-only bind mount), never setuid/setgid/sticky. Ownership
@@ -27,10 +37,10 @@ production).
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import shutil
-import stat
 import tarfile
 import tempfile
 import zlib
@@ -38,11 +48,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.errors import ModelArchiveUnsafe, ModelStorageError
+from agent.fsutil import discard_tree
 
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_META_BYTES = 1024 * 1024
-MAX_NAME_BYTES = 4096
+MAX_PATH_BYTES = 4096
 MAX_COMPONENT_BYTES = 255
+MAX_DEPTH = 32  # directory levels: "a/b/c.txt" has 2, the directory "a/b/c/" has 3
 DEFAULT_MAX_MEMBERS = 100_000
 DIR_MODE = 0o755
 FILE_MODE = 0o644
@@ -52,6 +64,7 @@ _META_TYPES = frozenset(
     | {tarfile.SOLARIS_XHDTYPE}
 )
 _FILE_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE})
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 
 
@@ -75,6 +88,10 @@ def _words(name: str) -> str:
     return repr(name if len(name) <= 100 else name[:99] + "…")
 
 
+def _bytes(text: str) -> int:
+    return len(text.encode("utf-8", "surrogateescape"))
+
+
 def member_parts(member: tarfile.TarInfo) -> list[str]:
     """The path components of a member, ``.`` dropped. Raises ``_Refused``."""
     name = member.name
@@ -82,13 +99,20 @@ def member_parts(member: tarfile.TarInfo) -> list[str]:
         raise _Refused("a member without a usable name")
     if name.startswith("/"):
         raise _Refused(f"member {_words(name)} has an absolute path")
+    # The name as the archive gives it, "./" and all: a stricter count than the path
+    # made on disk, and the one a person reading the archive's listing sees.
+    if _bytes(name) > MAX_PATH_BYTES:
+        raise _Refused(
+            f"member {_words(name)} has a path of {_bytes(name)} bytes, over {MAX_PATH_BYTES}"
+        )
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise _Refused(f"member {_words(name)} has a '..' component")
-    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES or any(
-        len(p.encode("utf-8", "surrogateescape")) > MAX_COMPONENT_BYTES for p in parts
-    ):
-        raise _Refused(f"member {_words(name)} has a name too long for the file system")
+    if any(_bytes(p) > MAX_COMPONENT_BYTES for p in parts):
+        raise _Refused(f"member {_words(name)} has a name over {MAX_COMPONENT_BYTES} bytes")
+    levels = len(parts) if member.isdir() else len(parts) - 1
+    if levels > MAX_DEPTH:
+        raise _Refused(f"member {_words(name)} is {levels} directory levels deep, over {MAX_DEPTH}")
     return parts
 
 
@@ -128,51 +152,56 @@ def unpack(
     """
     staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest.parent))
     try:
+        os.chmod(staging, DIR_MODE)
         with _open(archive) as tar:
             total = _extract(tar, staging, max_bytes, max_members)
-        _normalise(staging)
         os.rename(staging, dest)
     except _Refused as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        _discard(staging)
         raise ModelArchiveUnsafe(f"unsafe model archive: {exc}") from exc
     except _READ_ERRORS as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        _discard(staging)
         raise ModelArchiveUnsafe("the model artifact is not a readable tar archive") from exc
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        _discard(staging)
         raise ModelStorageError(f"unpacking the model failed: {exc.strerror}", exc.errno) from exc
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _discard(staging)
         raise
     return total
 
 
+def _discard(staging: Path) -> None:
+    # Never raises: the error being reported matters more than the leftover.
+    discard_tree(staging, event="model_unpack_cleanup_failed")
+
+
 def _extract(tar: tarfile.TarFile, root: Path, max_bytes: int, max_members: int) -> int:
     total = members = 0
-    for member in tar:
-        members += 1
-        if members > max_members:
-            raise _Refused(f"more than {max_members} members")
-        parts = member_parts(member)
-        _check_type(member)
-        try:
-            tarfile.data_filter(member, str(root))
-        except tarfile.FilterError as exc:
-            raise _Refused(f"member {_words(member.name)} refused by tarfile: {exc}") from exc
-        if not parts:
-            continue  # "./": the archive's root, which is dest itself
-        target = root.joinpath(*parts)
-        if member.isdir():
-            _mkdirs(target, member.name)
-            continue
-        total += member.size
-        if total > max_bytes:
-            raise _Refused(f"files totalling more than {max_bytes} bytes")
-        _mkdirs(target.parent, member.name)
-        source = tar.extractfile(member)
-        assert source is not None  # a regular file always has a reader
-        with source:
-            _write(target, source, member.name)
+    with _Dirs(root) as dirs:
+        for member in tar:
+            members += 1
+            if members > max_members:
+                raise _Refused(f"more than {max_members} members")
+            parts = member_parts(member)
+            _check_type(member)
+            try:
+                tarfile.data_filter(member, str(root))
+            except tarfile.FilterError as exc:
+                raise _Refused(f"member {_words(member.name)} refused by tarfile: {exc}") from exc
+            if not parts:
+                continue  # "./": the archive's root, which is dest itself
+            if member.isdir():
+                dirs.open(parts, member.name)
+                continue
+            total += member.size
+            if total > max_bytes:
+                raise _Refused(f"files totalling more than {max_bytes} bytes")
+            parent = dirs.open(parts[:-1], member.name)
+            source = tar.extractfile(member)
+            assert source is not None  # a regular file always has a reader
+            with source:
+                _write(parent, parts[-1], source, member.name)
     return total
 
 
@@ -180,35 +209,79 @@ def _conflict(name: str) -> _Refused:
     return _Refused(f"member {_words(name)} conflicts with an earlier member")
 
 
-def _mkdirs(path: Path, name: str) -> None:
+class _Dirs:
+    """Directories under ``root`` by their components, made (``0755``) as needed.
+
+    Holds ``root``'s descriptor and that of the last directory asked for (members of
+    one directory tend to come together); :meth:`open` walks from ``root`` otherwise,
+    one component at a time, never following a link.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self._root = os.open(root, _DIR_FLAGS)
+        self._last: tuple[tuple[str, ...], int] | None = None
+
+    def __enter__(self) -> _Dirs:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._forget()
+        os.close(self._root)
+
+    def open(self, parts: list[str], name: str) -> int:
+        """The descriptor of the directory ``parts``, valid until the next call.
+
+        Raises ``_Refused`` when a component exists and is not a directory.
+        """
+        key = tuple(parts)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        self._forget()
+        fd = self._root
+        try:
+            for part in parts:
+                child = _subdir(fd, part, name)
+                if fd != self._root:
+                    os.close(fd)
+                fd = child
+        except BaseException:
+            if fd != self._root:
+                os.close(fd)
+            raise
+        if fd != self._root:
+            self._last = (key, fd)
+        return fd
+
+    def _forget(self) -> None:
+        if self._last is not None:
+            os.close(self._last[1])
+            self._last = None
+
+
+def _subdir(parent: int, part: str, name: str) -> int:
+    """``part`` of ``parent`` opened as a directory, made ``0755`` if it was missing."""
     try:
-        path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as exc:
-        raise _conflict(name) from exc
+        return os.open(part, _DIR_FLAGS, dir_fd=parent)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        # ENOTDIR: an earlier member made a file there. ELOOP cannot happen (no link is
+        # ever made here) but would be refused alike.
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise _conflict(name) from exc
+        raise
+    os.mkdir(part, DIR_MODE, dir_fd=parent)
+    fd = os.open(part, _DIR_FLAGS, dir_fd=parent)
+    os.fchmod(fd, DIR_MODE)  # the umask must not make it unreadable to the job
+    return fd
 
 
-def _write(target: Path, source: IO[bytes], name: str) -> None:
+def _write(parent: int, leaf: str, source: IO[bytes], name: str) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(target, flags, FILE_MODE)
+        fd = os.open(leaf, flags, FILE_MODE, dir_fd=parent)
     except (FileExistsError, IsADirectoryError, NotADirectoryError) as exc:
         raise _conflict(name) from exc
     with os.fdopen(fd, "wb") as out:
         os.fchmod(fd, FILE_MODE)  # the umask must not make it unreadable to the job
         shutil.copyfileobj(source, out, _COPY_BYTES)
-
-
-def _normalise(root: Path) -> None:
-    """Every directory 0755 (parents made implicitly too), every file 0644, nothing else."""
-    os.chmod(root, DIR_MODE)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            # lstat: nothing here may be a link, and chmod must not follow one.
-            kind = stat.S_IFMT(os.lstat(path).st_mode)
-            if kind == stat.S_IFDIR:
-                os.chmod(path, DIR_MODE)
-            elif kind == stat.S_IFREG:
-                os.chmod(path, FILE_MODE)
-            else:
-                raise _Refused("a member that is neither a regular file nor a directory")

@@ -1,4 +1,4 @@
-"""ModelCache over a fake fetcher: reuse, holds, eviction, restarts, failures."""
+"""ModelCache over a fake fetcher: reuse, holds, eviction, restarts, failures, leftovers."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import hashlib
 import io
 import os
 import stat
+import subprocess
 import tarfile
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from agent.errors import (
     ModelArchiveUnsafe,
@@ -19,6 +23,7 @@ from agent.errors import (
     ModelStorageError,
     ModelUnavailable,
 )
+from agent.fsutil import remove_tree
 from agent.models.cache import ModelCache
 from agent.models.layout import STAGING
 from agent.protocol.messages import ModelSpec
@@ -288,3 +293,120 @@ def test_storage_errors_say_which_failure_reason_applies() -> None:
     assert ModelStorageError("denied", errno.EACCES).reason == "agent_error"
     assert ModelArchiveUnsafe("x").reason == "model_unavailable"
     assert ModelChecksumMismatch("x").reason == "model_checksum_mismatch"
+
+
+def deep_tree(parent: Path, name: str, levels: int) -> None:
+    """``parent/name/d/d/…`` ``levels`` deep, a file every 1,000 levels.
+
+    Made relative to a descriptor: the whole path is far over PATH_MAX.
+    """
+    os.mkdir(parent / name)
+    fd = os.open(parent / name, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for level in range(levels):
+            os.mkdir("d", dir_fd=fd)
+            if level % 1000 == 0:
+                os.close(os.open("weights", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+            fd, parent_fd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+            os.close(parent_fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def tidy(tmp_path: Path) -> Iterator[Path]:
+    """A fresh directory, emptied afterwards by remove_tree even if the test failed:
+    pytest's own cleanup (shutil.rmtree) fails on a deep tree, in this run and later ones.
+
+    On a memory file system when there is one: making 100,000 nested directories takes
+    well under a second there, and up to a minute on a busy disk.
+    """
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        path = Path(tempfile.mkdtemp(prefix="test-model-cache-", dir=shm))
+    else:
+        path = tmp_path / "tidy"
+        path.mkdir()
+    try:
+        yield path
+    finally:
+        remove_tree(path)
+
+
+def test_a_100000_level_tree_left_in_staging_does_not_stop_the_cache(tidy: Path) -> None:
+    """Attack: a deep model archive left in .staging by a crashed unpack made every start
+    of the cache raise RecursionError (the agent exited 1, again at each restart)."""
+    root = tidy / "models"
+    (root / STAGING).mkdir(parents=True)
+    deep_tree(root / STAGING, "build-x", 100_000)
+    half = "cd" * 32  # named like an entry, a deep tree and no entry.json
+    deep_tree(root, half, 1_500)
+    spec, data = model("mdl-1")
+
+    async def body(cache: ModelCache, fetcher: FakeFetcher) -> None:
+        assert cache.entries() == {}
+        fetcher.archives["mdl-1"] = data
+        path = await cache.acquire("j-1", spec, seconds(5))
+        assert (path / "name.txt").read_bytes() == b"mdl-1"
+
+    run_cache(tidy, 10, body)
+    assert list((root / STAGING).iterdir()) == []
+    assert sorted(p.name for p in root.iterdir()) == sorted([STAGING, spec.sha256])
+
+
+def test_a_1500_level_archive_fails_the_job_and_leaves_nothing(tidy: Path) -> None:
+    """Attack: the 23 KB archive of 1,500 nested directories; it must fail as an unsafe
+    archive (model_unavailable), not RecursionError, and leave no tree in .staging."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+        for depth in range(1, 1501):
+            info = tarfile.TarInfo("d/" * depth)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+    data = raw.getvalue()
+    spec = ModelSpec.model_validate(
+        {"artifact": "deep", "sha256": hashlib.sha256(data).hexdigest()}
+    )
+
+    async def body(cache: ModelCache, fetcher: FakeFetcher) -> None:
+        fetcher.archives["deep"] = data
+        with pytest.raises(ModelArchiveUnsafe, match="directory levels deep, over 32") as info:
+            await cache.acquire("j-1", spec, seconds(5))
+        assert info.value.reason == "model_unavailable"
+        assert list((cache.root / STAGING).iterdir()) == []
+
+    run_cache(tidy, 10, body)
+
+
+def _immutable(path: Path, on: bool) -> bool:
+    flag = "+i" if on else "-i"
+    try:
+        done = subprocess.run(["chattr", flag, str(path)], capture_output=True, check=False)
+    except OSError:
+        return False
+    return done.returncode == 0
+
+
+def test_staging_that_cannot_be_emptied_is_logged_and_the_cache_starts(tidy: Path) -> None:
+    """Attack: anything that makes the startup cleanup fail (here a file that cannot be
+    deleted) used to stop the agent at every start; now it is logged and left."""
+    stuck = tidy / "models" / STAGING / "build-x" / "stuck"
+    stuck.parent.mkdir(parents=True)
+    stuck.write_bytes(b"x")
+    if not _immutable(stuck, True):
+        pytest.skip("cannot make a file undeletable here (chattr +i needs CAP_LINUX_IMMUTABLE)")
+    spec, data = model("mdl-1")
+
+    async def body(cache: ModelCache, fetcher: FakeFetcher) -> None:
+        fetcher.archives["mdl-1"] = data
+        await cache.acquire("j-1", spec, seconds(5))
+
+    try:
+        with capture_logs() as logs:
+            run_cache(tidy, 10, body)
+        assert stuck.exists()
+    finally:
+        _immutable(stuck, False)
+    warnings = [e for e in logs if e["event"] == "model_staging_cleanup_failed"]
+    assert warnings and warnings[0]["log_level"] == "warning"
+    assert (tidy / "models" / spec.sha256 / "model" / "name.txt").read_bytes() == b"mdl-1"

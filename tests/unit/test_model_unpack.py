@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import ModelArchiveUnsafe, ModelUnavailable
-from agent.models.unpack import MAX_META_BYTES, unpack
+from agent.models.unpack import MAX_DEPTH, MAX_META_BYTES, MAX_PATH_BYTES, unpack
 
 CAP = 10 * 1024 * 1024
 
@@ -174,3 +174,80 @@ def test_truncated_gzip_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelArchiveUnsafe):
         unpack(src, tmp_path / "out", max_bytes=CAP)
     assert not (tmp_path / "out").exists()
+
+
+def _dirs(levels: int, leaf: str | None = None) -> list[tuple[tarfile.TarInfo, bytes]]:
+    """``levels`` nested directories ``d/d/…/``, and a file ``leaf`` in the deepest one."""
+    members: list[tuple[tarfile.TarInfo, bytes]] = []
+    for depth in range(1, levels + 1):
+        info = tarfile.TarInfo("d/" * depth)
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+        members.append((info, b""))
+    if leaf is not None:
+        members.append(_file("d/" * levels + leaf, b"deep"))
+    return members
+
+
+def test_an_archive_1500_directories_deep_is_refused_by_its_depth(tmp_path: Path) -> None:
+    """Attack: a 23 KB archive of 1,500 nested directories passed the checks, then the
+    recursive walk and cleanup hit Python's recursion limit and left it in .staging."""
+    src = archive(tmp_path / "deep.tar.gz", _dirs(1500, "x"), gz=True)
+    assert src.stat().st_size < 64 * 1024
+    with pytest.raises(ModelArchiveUnsafe, match=r"33 directory levels deep, over 32"):
+        unpack(src, tmp_path / "out", max_bytes=CAP)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep.tar.gz"]
+
+
+@pytest.mark.parametrize(
+    ("members", "ok"),
+    [
+        (_dirs(MAX_DEPTH, "model.bin"), True),  # 32 directories, a file in the last
+        (_dirs(MAX_DEPTH + 1), False),  # a 33rd directory
+        ([*_dirs(MAX_DEPTH)[:-1], _file("d/" * (MAX_DEPTH + 1) + "x", b"")], False),
+    ],
+    ids=["32-levels", "33-levels", "33-implicit"],
+)
+def test_directory_depth_is_capped_at_32_levels(
+    tmp_path: Path, members: list[tuple[tarfile.TarInfo, bytes]], ok: bool
+) -> None:
+    """Attack: depth without a limit (see the 1,500-level archive): the cap is exact, and
+    a file's implicit parent directories count as much as directory members."""
+    src = archive(tmp_path / "m.tar", members)
+    dest = tmp_path / "out"
+    if ok:
+        unpack(src, dest, max_bytes=CAP)
+        assert (dest / ("d/" * MAX_DEPTH + "model.bin")).read_bytes() == b"deep"
+        assert stat.S_IMODE((dest / ("d/" * MAX_DEPTH)).stat().st_mode) == 0o755
+    else:
+        with pytest.raises(ModelArchiveUnsafe, match="33 directory levels deep, over 32"):
+            unpack(src, dest, max_bytes=CAP)
+        assert not dest.exists()
+
+
+def _path_of(total: int) -> str:
+    """A member path of exactly ``total`` bytes: 16 directories of 250 bytes, then a file."""
+    head = "/".join(c * 250 for c in "abcdefghijklmnop") + "/"
+    return head + "f" * (total - len(head))
+
+
+def test_paths_up_to_4096_bytes_unpack_and_longer_ones_are_refused(tmp_path: Path) -> None:
+    """Attack: a member path longer than the kernel takes in one call (PATH_MAX): at 4,096
+    bytes plus the cache's own prefix it used to fail as a storage error; one byte over
+    the protocol's limit is refused as unsafe."""
+    longest = _path_of(MAX_PATH_BYTES)
+    src = archive(tmp_path / "ok.tar", [_file(longest, b"far")], format_=tarfile.PAX_FORMAT)
+    unpack(src, tmp_path / "out", max_bytes=CAP)
+    fd = os.open(tmp_path / "out", os.O_RDONLY)
+    try:
+        for part in longest.split("/")[:-1]:  # in steps: the whole path is over PATH_MAX
+            fd, parent = os.open(part, os.O_RDONLY, dir_fd=fd), fd
+            os.close(parent)
+        assert os.stat(longest.rsplit("/", 1)[1], dir_fd=fd).st_size == 3
+    finally:
+        os.close(fd)
+
+    over = _path_of(MAX_PATH_BYTES + 1)
+    bad = archive(tmp_path / "bad.tar", [_file(over, b"far")], format_=tarfile.PAX_FORMAT)
+    with pytest.raises(ModelArchiveUnsafe, match="path of 4097 bytes, over 4096"):
+        unpack(bad, tmp_path / "refused", max_bytes=CAP)
+    assert not (tmp_path / "refused").exists()
