@@ -266,10 +266,14 @@ class DatastoreConfig(_Section):
 
 
 class LimitsConfig(_Section):
+    # Lower bounds: to Docker a CPU, memory, pids or /tmp size limit of 0 (or -1) is
+    # no limit at all, so every cap here must become a real, positive one. max_cpus
+    # 0.01 is PROTOCOL.md 1.1's minimum (NanoCpus 10,000,000; less rounds towards 0);
+    # max_memory_mib 6 is the smallest memory limit Docker accepts.
     max_concurrent_jobs: PositiveInt = 2
     max_timeout_s: PositiveInt = 86400
-    max_cpus: PositiveFloat = 16
-    max_memory_mib: PositiveInt = 65536
+    max_cpus: Annotated[float, Field(ge=0.01)] = 16
+    max_memory_mib: Annotated[int, Field(ge=6)] = 65536
     pids: PositiveInt = 1024
     tmp_mib: PositiveInt = 1024
 

@@ -16,7 +16,8 @@ code, so that the two catch each other's mistakes.
 - ``handlers``: frame parsing, ``error`` replies, a handler per message type.
 - ``validate``: the shape of every message an agent may send. Pure.
 - ``state``: :class:`NodeState`, what is recorded per node, and waiting on it.
-- ``jobs``: §4 as the CP sees it: ``job.assign`` built, answers and states checked.
+- ``jobs``: §4 as the CP sees it: ``job.assign`` built, answers and states checked;
+  ``assigncheck``: revision 1.1's id pattern and caps, checked before an assign is sent.
 - ``results``: §5, receiving results (:class:`ResultStore`); ``upload``: one job's
   upload and :class:`ResultsState`; ``manifest``: manifests checked; ``resultfiles``:
   the files on disk.
@@ -27,7 +28,12 @@ Run it standalone with ``python -m agent.controlplane --token-file FILE``.
 """
 
 from agent.controlplane.auth import ANY_NODE
-from agent.controlplane.errors import ControlPlaneError, NodeNotConnected, WaitTimeout
+from agent.controlplane.errors import (
+    BadAssignment,
+    ControlPlaneError,
+    NodeNotConnected,
+    WaitTimeout,
+)
 from agent.controlplane.jobs import TERMINAL as TERMINAL_STATES
 from agent.controlplane.jobs import JobTrack
 from agent.controlplane.server import CLOSE_AUTH, CLOSE_REPLACED, ControlPlane
@@ -42,6 +48,7 @@ __all__ = [
     "CLOSE_BAD_HELLO",
     "CLOSE_REPLACED",
     "TERMINAL_STATES",
+    "BadAssignment",
     "ControlPlane",
     "ControlPlaneError",
     "Disconnect",

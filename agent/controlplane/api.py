@@ -13,6 +13,8 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
+from agent.controlplane.assigncheck import assign_problems
+from agent.controlplane.errors import BadAssignment
 from agent.controlplane.jobs import TERMINAL, build_assign
 from agent.controlplane.results import ResultStore
 from agent.controlplane.state import Disconnect, NodeState, Registry
@@ -100,9 +102,15 @@ class ControlPlaneAPI:
         ``resources``, ``model``, ``timeout_s``, ``results``, anything), except ``image``,
         merged with ``{"ref": image_ref}`` (``image={"digest": …}``).
 
-        The answer is not awaited: see :meth:`wait_for_message`. Raises ``NodeNotConnected``.
+        The answer is not awaited: see :meth:`wait_for_message`. Raises ``BadAssignment``,
+        sending nothing, for a job that breaks PROTOCOL.md 1.1's id pattern or caps
+        (to send one anyway, for a test, use :meth:`send`); ``NodeNotConnected``.
         """
-        await self.send(node_id, build_assign(job_id, image_ref, datastore, **fields))
+        message = build_assign(job_id, image_ref, datastore, **fields)
+        problems = assign_problems(message)
+        if problems:
+            raise BadAssignment(problems)
+        await self.send(node_id, message)
 
     async def cancel(self, node_id: str, job_id: str) -> None:
         """Send ``job.cancel``. Raises ``NodeNotConnected``."""

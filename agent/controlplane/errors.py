@@ -5,6 +5,7 @@
     AgentError
     └── ControlPlaneError
         ├── NodeNotConnected   send/close to a node with no live session
+        ├── BadAssignment      assign() of a job that breaks PROTOCOL.md 1.1 §4 (also a ValueError)
         └── WaitTimeout        a wait_for_* ran out of time (also a TimeoutError)
 """
 
@@ -19,6 +20,17 @@ class ControlPlaneError(AgentError):
 
 class NodeNotConnected(ControlPlaneError):
     """The node has no live session (never connected, or disconnected)."""
+
+
+class BadAssignment(ControlPlaneError, ValueError):
+    """A ``job.assign`` the API will not send: it breaks 1.1's id pattern or caps.
+
+    ``problems`` lists each rule broken, by field and limit.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("job.assign refused: " + "; ".join(problems))
+        self.problems = problems
 
 
 class WaitTimeout(ControlPlaneError, TimeoutError):

@@ -10,12 +10,14 @@ what in it breaks §4, as violation texts:
   rejection other than ``duplicate_job`` of a job the agent accepted and has not ended.
 - ``job.state``: only for a job the CP assigned (and the agent accepted) or that
   ``hello.jobs`` listed. Within one session the states go in order, ``accepted`` →
-  [``waiting``] → ``preparing`` → ``running`` → ``uploading``, the first being
+  [``waiting``] → ``preparing`` → ``running`` → [``held``] → ``uploading``, the first being
   ``accepted``; an unchanged state may be repeated. Across a reconnect a job may
   have moved on while nobody heard: any later state is fine, an earlier one is not.
   One terminal state, with its reason; repeated unchanged only in later sessions.
   ``succeeded`` carries ``exit_code`` 0 and comes after this CP accepted the results;
-  ``exit_nonzero`` carries a non-zero ``exit_code``; a failure before the container
+  ``exit_nonzero`` carries a non-zero ``exit_code``; a failure after the container
+  exited (``oom_killed``, ``result_invalid``, ``result_too_large``, ``result_refused``,
+  ``review_timeout``) carries its ``exit_code`` (1.1); a failure before the container
   existed carries none.
 """
 
@@ -32,7 +34,8 @@ _NEXT = {
     "accepted": {"waiting", "preparing"},
     "waiting": {"preparing"},
     "preparing": {"running"},
-    "running": {"uploading"},
+    "running": {"held", "uploading"},  # held only on nodes that review results (§5a)
+    "held": {"uploading"},
     "uploading": set[str](),
 }
 # Failure reasons that end a job before its container ran: no exit_code then.
@@ -43,6 +46,17 @@ _NEVER_RAN = frozenset(
         "model_unavailable",
         "model_checksum_mismatch",
         "container_error",
+    }
+)
+# Failure reasons that end a job after its container exited: exit_code required (1.1).
+_RAN = frozenset(
+    {
+        "exit_nonzero",
+        "oom_killed",
+        "result_invalid",
+        "result_too_large",
+        "result_refused",
+        "review_timeout",
     }
 )
 
@@ -175,6 +189,8 @@ def _end_problems(message: dict[str, Any], results_accepted: bool) -> list[str]:
             out.append("succeeded before its results were accepted")
     elif reason == "exit_nonzero" and (exit_code is None or exit_code == 0):
         out.append(f"exit_nonzero with exit_code {exit_code!r}")
+    elif reason in _RAN and exit_code is None:
+        out.append(f"{reason} without the exit_code of the container that ran")
     elif reason in _NEVER_RAN and exit_code is not None:
         out.append(f"exit_code {exit_code} although the container never ran ({reason})")
     return out

@@ -15,9 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from agent.controlplane.validate import is_kind
+from agent.controlplane.validate import JOB_ID, is_kind
 
-_JOB_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Never ".", "..", a hidden name or a name with a separator; "+partial" and
 # "+accepted" (the CP's own directories) are not safe either, so no node can be them.
@@ -91,7 +90,7 @@ def parse(message: dict[str, Any]) -> Manifest | str:
     the sum of the sizes.
     """
     job_id = message["job_id"]
-    if not _JOB_ID.fullmatch(job_id):
+    if not JOB_ID.fullmatch(job_id):
         return "job_id is malformed"
     files: list[ResultFile] = []
     for i, entry in enumerate(message["files"]):

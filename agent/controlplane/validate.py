@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 GPU_HEALTH = frozenset({"ok", "degraded", "lost"})
-JOB_STATES = ("accepted", "waiting", "preparing", "running", "uploading")
+# In order. "held" (1.1, §5a) comes only on nodes that review results.
+JOB_STATES = ("accepted", "waiting", "preparing", "running", "held", "uploading")
 TERMINAL_REASONS: Mapping[str, frozenset[str]] = {
     "succeeded": frozenset({"completed"}),
-    "cancelled": frozenset({"cancel_requested"}),
+    "cancelled": frozenset({"cancel_requested", "cancelled_on_node"}),
     "timed_out": frozenset({"timeout"}),
     "failed": frozenset(
         {
@@ -41,6 +42,8 @@ TERMINAL_REASONS: Mapping[str, frozenset[str]] = {
             "result_invalid",
             "container_lost",
             "no_space",
+            "result_refused",
+            "review_timeout",
             "agent_error",
         }
     ),
@@ -56,6 +59,7 @@ REJECTION_CODES = frozenset(
         "no_capacity",
         "draining",
         "no_space",
+        "runtime_unavailable",
         "duplicate_job",
     }
 )
@@ -69,7 +73,8 @@ ERROR_CODES = frozenset(
         "internal",
     }
 )
-_JOB_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# 1.1 §4: a letter or digit first, so "." and ".." are never job ids.
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def is_kind(value: Any, kind: str) -> bool:
@@ -208,7 +213,7 @@ def _heartbeat(msg: dict[str, Any]) -> list[str]:
 
 
 def _job_id(msg: dict[str, Any]) -> list[str]:
-    return [] if _JOB_ID.fullmatch(msg["job_id"]) else [f"job_id {msg['job_id']!r} is malformed"]
+    return [] if JOB_ID.fullmatch(msg["job_id"]) else [f"job_id {msg['job_id']!r} is malformed"]
 
 
 def _job_state(msg: dict[str, Any]) -> list[str]:

@@ -31,7 +31,7 @@ from types import MappingProxyType
 
 from agent.config.models import Config, DatastoreConfig
 from agent.gpu.base import GpuInfo, GpuInventory
-from agent.protocol.messages import ImageAuth, JobAssign, ModelSpec
+from agent.protocol.messages import MIN_CPUS, ImageAuth, JobAssign, ModelSpec
 from agent.runtime.spec import env_problems
 
 NO_GPU_SUPPORT = "this node's container engine cannot give GPUs to containers"
@@ -101,6 +101,11 @@ def _bad_spec(assign: JobAssign) -> list[str]:
             problems.append("command: must not be an empty list (leave it out to use the image's)")
         elif any("\0" in arg for arg in assign.command):
             problems.append("command: arguments must not contain NUL bytes")
+    # The protocol model refuses this already; an assignment built in code is held to
+    # it too, since a CPU limit that rounds to 0 is no limit at all to Docker.
+    cpus = assign.resources.cpus if assign.resources is not None else None
+    if cpus is not None and not cpus >= MIN_CPUS:
+        problems.append(f"resources.cpus: must be at least {MIN_CPUS:g}")
     return problems
 
 
@@ -223,6 +228,8 @@ def admit(
     problems, cpus, memory_mib, timeout_s = _limit_problems(assign, config, cpu_cap)
     if problems:
         return Rejected("limits_exceeded", "; ".join(problems))
+    if not cpus >= MIN_CPUS:  # the config's own cap, were it built without validation
+        return Rejected("limits_exceeded", f"limits.max_cpus is below {MIN_CPUS:g}")
 
     results = assign.results
     return Admitted(

@@ -8,6 +8,10 @@
 ``waiting`` is entered only when the job cannot start at once; every other state is
 entered in order until the job ends, and a job can end from any state. A job ends in
 exactly one terminal state.
+
+Revision 1.1's reasons and rejection code are listed here; its state ``held`` (between
+``running`` and ``uploading``, only on nodes that review results, PROTOCOL.md §5a) is
+not: it comes with the review feature, which must also let ``running`` skip it.
 """
 
 from __future__ import annotations
@@ -48,12 +52,15 @@ FAILURE_REASONS = frozenset(
         "result_invalid",
         "container_lost",
         "no_space",
+        "result_refused",  # 1.1: the consumer refused the results at review (§5a)
+        "review_timeout",  # 1.1: nobody reviewed them in time (§5a)
         "agent_error",
     }
 )
 TERMINAL_REASON = {
     State.SUCCEEDED: frozenset({"completed"}),
-    State.CANCELLED: frozenset({"cancel_requested"}),
+    # cancelled_on_node (1.1): stopped by the consumer's operator, not the CP.
+    State.CANCELLED: frozenset({"cancel_requested", "cancelled_on_node"}),
     State.TIMED_OUT: frozenset({"timeout"}),
     State.FAILED: FAILURE_REASONS,
 }
@@ -68,6 +75,7 @@ REJECTION_CODES = frozenset(
         "no_capacity",
         "draining",
         "no_space",
+        "runtime_unavailable",  # 1.1: the container engine does not answer
         "duplicate_job",
     }
 )

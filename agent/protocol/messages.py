@@ -5,6 +5,10 @@ refused (``"5"`` is not ``5``, ``true`` is not ``1``), unknown fields are ignore
 newer control planes may send more). :func:`parse_text` and :func:`parse_binary` turn a
 frame into a model or a :class:`Invalid` that says which ``error`` to answer with.
 
+``job.assign`` follows revision 1.1 of PROTOCOL.md §4: its models and caps are in
+:mod:`agent.protocol.assign` (re-exported here); the frame cap is checked by
+:func:`parse_text`, the one place that sees the frame.
+
 Outgoing messages are built by the small functions at the bottom; every one of them is a
 JSON object with a string ``type``, exactly the fields of PROTOCOL.md and nothing more.
 
@@ -19,32 +23,35 @@ characters.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import Field, ValidationError
 
+from agent.protocol.assign import (
+    _JOB_ID,
+    MAX_ASSIGN_FRAME,
+    SHA256_HEX,
+    KnownJobId,
+    NonNegative,
+    Number,
+    _utf8_bytes,
+)
+
+# Re-exported: the job.assign models and 1.1's minimum CPUs, used as m.JobAssign etc.
+from agent.protocol.assign import MIN_CPUS as MIN_CPUS
+from agent.protocol.assign import ImageAuth as ImageAuth
+from agent.protocol.assign import ImageSpec as ImageSpec
+from agent.protocol.assign import JobAssign as JobAssign
+from agent.protocol.assign import ModelSpec as ModelSpec
+from agent.protocol.assign import Resources as Resources
+from agent.protocol.assign import StrictMessage as _Incoming
 from agent.protocol.frames import BinaryFrame, FrameError, decode_binary, loads
 
-JOB_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
-_JOB_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-SHA256_HEX = r"^[0-9a-f]{64}$"
 MAX_DETAIL = 300
 # welcome.session is shown in /status and in logs: short, printable ASCII.
 MAX_SESSION_ID = 128
 SESSION_ID_PATTERN = r"^[\x20-\x7e]+$"
-
-JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN)]
-# Strict floats accept JSON integers but refuse strings and booleans.
-Number = float
-NonNegative = Annotated[StrictInt, Field(ge=0)]
-Positive = Annotated[StrictInt, Field(gt=0)]
-
-
-class _Incoming(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
-
 
 # -- control plane → agent ---------------------------------------------------------------
 
@@ -64,83 +71,37 @@ class ErrorMessage(_Incoming):
     ref: str | None = None
 
 
-class ImageAuth(_Incoming):
-    username: str
-    password: str = Field(repr=False)
-
-
-class ImageSpec(_Incoming):
-    ref: Annotated[str, Field(min_length=1, max_length=512)]
-    digest: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")] | None = None
-    auth: ImageAuth | None = Field(default=None, repr=False)
-
-
-class ModelSpec(_Incoming):
-    artifact: Annotated[str, Field(min_length=1, max_length=256)]
-    sha256: Annotated[str, Field(pattern=SHA256_HEX)]
-    size: NonNegative | None = None
-
-
-class GpuRequest(_Incoming):
-    count: NonNegative = 0
-    types: list[str] | None = None
-
-
-class Resources(_Incoming):
-    cpus: Annotated[Number, Field(gt=0)] | None = None
-    memory_mib: Positive | None = None
-
-
-class ResultLimits(_Incoming):
-    max_bytes: Positive | None = None
-    max_files: Positive | None = None
-
-
-class JobAssign(_Incoming):
-    type: Literal["job.assign"]
-    job_id: JobId
-    image: ImageSpec
-    datastore: Annotated[str, Field(min_length=1, max_length=64)]
-    model: ModelSpec | None = None
-    command: list[str] | None = None
-    env: dict[str, str] | None = None
-    gpus: GpuRequest | None = None
-    resources: Resources | None = None
-    timeout_s: Positive | None = None
-    results: ResultLimits | None = None
-
-
 class JobAck(_Incoming):
     type: Literal["job.ack"]
-    job_id: JobId
+    job_id: KnownJobId
 
 
 class JobCancel(_Incoming):
     type: Literal["job.cancel"]
-    job_id: JobId
+    job_id: KnownJobId
 
 
 class ResultResume(_Incoming):
     type: Literal["result.resume"]
-    job_id: JobId
+    job_id: KnownJobId
     offsets: list[NonNegative]
 
 
 class ResultAck(_Incoming):
     type: Literal["result.ack"]
-    job_id: JobId
+    job_id: KnownJobId
     file: NonNegative
     offset: NonNegative
 
 
 class ResultAccepted(_Incoming):
     type: Literal["result.accepted"]
-    job_id: JobId
+    job_id: KnownJobId
 
 
 class ResultRejected(_Incoming):
     type: Literal["result.rejected"]
-    job_id: JobId
+    job_id: KnownJobId
     file: NonNegative
     code: str
 
@@ -239,14 +200,35 @@ def _validate(model: type[_Incoming], data: dict[str, Any], kind: str) -> _Incom
     except ValidationError as exc:
         detail = describe_validation(exc)
         field = clip(_location(exc.errors(include_url=False)[0]["loc"]), 64)
-        job_id = data.get("job_id")
-        if kind == "job.assign" and isinstance(job_id, str) and _JOB_ID.fullmatch(job_id):
-            return Invalid("bad_message", detail, ref=kind, job_id=job_id, field=field)
-        return Invalid("bad_message", detail, ref=kind, field=field)
+        job_id = _usable_job_id(data) if kind == "job.assign" else None
+        return Invalid("bad_message", detail, ref=kind, job_id=job_id, field=field)
+
+
+def _usable_job_id(data: dict[str, Any]) -> str | None:
+    """The top-level ``job_id`` of a parsed ``job.assign`` if it follows §4, else None."""
+    job_id = data.get("job_id")
+    return job_id if isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) else None
+
+
+def _over_assign_cap(text: str) -> bool:
+    # A character is 1 to 4 bytes: only a text of a quarter of the cap or more can be
+    # over it, and only such a text is worth encoding to count.
+    return len(text) > MAX_ASSIGN_FRAME or (
+        len(text) * 4 > MAX_ASSIGN_FRAME and _utf8_bytes(text) > MAX_ASSIGN_FRAME
+    )
 
 
 def parse_text(text: str) -> Incoming | Invalid:
-    """Parse one text frame from the control plane. Never raises."""
+    """Parse one text frame from the control plane. Never raises.
+
+    A ``job.assign`` frame over :data:`MAX_ASSIGN_FRAME` bytes is refused before its
+    fields are validated (validation would copy what the cap is there to refuse). Its
+    ``job_id`` is taken the one way every invalid ``job.assign``'s is: the top-level
+    field of the JSON object, after a full parse (as any frame up to the transport's
+    16 MiB gets; never a scan of the raw text, which a key inside a string or a nested
+    object, or a duplicate key, could fool), and only when it follows §4: then it is
+    answered ``job.rejected`` / ``bad_spec``, else ``error`` / ``bad_message``.
+    """
     try:
         data = loads(text)
     except (ValueError, RecursionError):
@@ -262,6 +244,9 @@ def parse_text(text: str) -> Incoming | Invalid:
             # A known type in the wrong kind of frame is a broken peer, not a newer one.
             return Invalid("bad_message", "text frame of a binary type", ref=kind)
         return Invalid("unknown_type", clip(kind), ref=clip(kind))
+    if kind == "job.assign" and _over_assign_cap(text):
+        detail = f"frame: a job.assign frame holds at most {MAX_ASSIGN_FRAME} bytes"
+        return Invalid("bad_message", detail, ref=kind, job_id=_usable_job_id(data), field="frame")
     return _validate(model, data, kind)  # type: ignore[return-value]
 
 

@@ -51,6 +51,9 @@ LOG_OPTS = {"max-size": "1m", "max-file": "2"}
 STOP_SIGNAL = "SIGTERM"
 # Docker refuses a memory limit below 6 MiB.
 MIN_MEMORY_MIB = 6
+# 0.01 CPU (PROTOCOL.md 1.1's minimum). NanoCpus 0 is "no limit" to Docker, and any
+# value under this one gives a CFS quota under the kernel's 1 ms minimum.
+MIN_NANO_CPUS = 10_000_000
 
 _ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
@@ -148,8 +151,8 @@ def spec_problems(spec: ContainerSpec) -> list[str]:
     elif int(user.group(1)) == 0:
         problems.append("user: job containers must not run as root (uid 0)")
     problems += _dir_problems(spec)
-    if not (math.isfinite(spec.cpus) and spec.cpus > 0):
-        problems.append(f"cpus: {spec.cpus} must be a positive number")
+    if not (math.isfinite(spec.cpus) and nano_cpus(spec) >= MIN_NANO_CPUS):
+        problems.append(f"cpus: {spec.cpus} must be a number of at least 0.01")
     if spec.memory_mib < MIN_MEMORY_MIB:
         problems.append(f"memory_mib: {spec.memory_mib} is below Docker's minimum of 6 MiB")
     for key in ("pids", "tmp_mib", "shm_mib"):

@@ -10,6 +10,7 @@ ignores an option, a daemon default, an image's ``VOLUME``, a bug here).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ from agent.runtime.spec import (
     LOG_OPTS,
     LOG_TYPE,
     MIB,
+    MIN_NANO_CPUS,
     NO_NEW_PRIVILEGES,
     PROPAGATION,
     STOP_SIGNAL,
@@ -31,6 +33,7 @@ from agent.runtime.spec import (
 )
 
 Attrs = Mapping[str, Any]
+_TMPFS_SIZE = re.compile(r"(?:^|,)size=0*[1-9][0-9]*[kmg]?(?:,|$)")
 _ENGINE_SOCKETS = ("docker.sock", "containerd.sock")
 # The HostConfig fields the audit ledger records, as the engine names them.
 _AUDITED = (
@@ -134,25 +137,36 @@ def _rootfs_caps_privileges(spec: ContainerSpec, attrs: Attrs) -> list[str]:
     return p
 
 
+def _positive(value: object, least: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def _limits(spec: ContainerSpec, attrs: Attrs) -> list[str]:
+    # Each limit must be what the spec says *and* a real limit: to the engine 0 (or -1)
+    # means none at all, so a spec that asked for 0 must not pass by being matched.
     hc, p = _hc(attrs), []
     pids = hc.get("PidsLimit")
-    if not isinstance(pids, int) or pids <= 0 or pids != spec.pids:
+    if not _positive(pids) or pids != spec.pids:
         p.append(f"process limit: PidsLimit is {pids!r}, must be {spec.pids}")
     memory = spec.memory_mib * MIB
-    if hc.get("Memory") != memory:
+    if not _positive(hc.get("Memory")):
+        p.append(f"memory: Memory is {hc.get('Memory')!r}, must be a positive limit")
+    elif hc.get("Memory") != memory:
         p.append(f"memory: Memory is {hc.get('Memory')!r}, must be {memory}")
     if hc.get("MemorySwap") != hc.get("Memory"):
         p.append(f"no swap: MemorySwap {hc.get('MemorySwap')!r} differs from Memory")
     if hc.get("OomKillDisable"):
         p.append("memory: OomKillDisable is set; the job would hang instead of being killed")
-    if hc.get("NanoCpus") != nano_cpus(spec):
-        p.append(f"CPU: NanoCpus is {hc.get('NanoCpus')!r}, must be {nano_cpus(spec)}")
+    cpus = hc.get("NanoCpus")
+    if not _positive(cpus, MIN_NANO_CPUS):
+        p.append(f"CPU: NanoCpus is {cpus!r}, must be a limit of at least {MIN_NANO_CPUS}")
+    elif cpus != nano_cpus(spec):
+        p.append(f"CPU: NanoCpus is {cpus!r}, must be {nano_cpus(spec)}")
     ulimits = {(u.get("Name"), u.get("Soft"), u.get("Hard")) for u in hc.get("Ulimits") or []}
     want = {(u["name"], u["soft"], u["hard"]) for u in ULIMITS}
     if ulimits != want or len(hc.get("Ulimits") or []) != len(want):
         p.append(f"ulimits: {hc.get('Ulimits')!r}, must be nofile 1024 and core 0 only")
-    if hc.get("ShmSize") != spec.shm_mib * MIB:
+    if not _positive(hc.get("ShmSize")) or hc.get("ShmSize") != spec.shm_mib * MIB:
         p.append(f"private IPC: ShmSize is {hc.get('ShmSize')!r}, must be {spec.shm_mib * MIB}")
     return p
 
@@ -174,6 +188,9 @@ def _filesystems(spec: ContainerSpec, attrs: Attrs) -> list[str]:
     tmpfs = {"/tmp": tmpfs_options(spec)}
     if hc.get("Tmpfs") != tmpfs:
         p.append(f"scratch: Tmpfs is {hc.get('Tmpfs')!r}, must be {tmpfs!r}")
+    elif not _TMPFS_SIZE.search(str((hc.get("Tmpfs") or {}).get("/tmp"))):
+        # size=0 is no limit to tmpfs: the job could fill the node's memory through /tmp.
+        p.append("scratch: /tmp has no positive size= limit")
     want = expected_mounts(spec)
     for key in ("Binds", "VolumesFrom"):
         if not _empty(hc.get(key)):

@@ -141,7 +141,7 @@ def test_states_out_of_order_are_violations(states: tuple[str, ...], violation: 
         (
             [
                 job_state("j-1", "accepted"),
-                job_state("j-1", "failed", reason="oom_killed"),
+                job_state("j-1", "failed", reason="oom_killed", exit_code=137),
                 job_state("j-1", "cancelled", reason="cancel_requested"),
             ],
             "job.state: j-1: cancelled after the job ended failed",
@@ -149,8 +149,8 @@ def test_states_out_of_order_are_violations(states: tuple[str, ...], violation: 
         (
             [
                 job_state("j-1", "accepted"),
-                job_state("j-1", "failed", reason="oom_killed"),
-                job_state("j-1", "failed", reason="oom_killed"),
+                job_state("j-1", "failed", reason="oom_killed", exit_code=137),
+                job_state("j-1", "failed", reason="oom_killed", exit_code=137),
             ],
             "job.state: j-1: terminal state failed repeated in one session",
         ),
@@ -181,7 +181,7 @@ def test_states_out_of_order_are_violations(states: tuple[str, ...], violation: 
         (
             [
                 job_state("j-1", "accepted"),
-                job_state("j-1", "failed", reason="oom_killed"),
+                job_state("j-1", "failed", reason="oom_killed", exit_code=137),
                 ASSIGN_AGAIN,
                 {"type": "job.accepted", "job_id": "j-1"},
             ],

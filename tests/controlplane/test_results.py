@@ -264,11 +264,19 @@ def test_chunks_and_end_need_a_manifest_in_their_own_session() -> None:
 
 
 def test_odd_ids_cannot_leave_the_results_directory() -> None:
+    """A node id of ``../../etc`` and a job id of ``..`` as a way out of the results
+    directory: the node's files stay inside it, and since 1.1 ``..`` is no job id at all
+    (a letter or digit first), so its manifest is refused and nothing is stored."""
+
     async def main() -> None:
         async with cp_with() as cp, raw_agent(cp, node_id="../../etc") as agent:
-            assert (await agent.upload("..", [("x", b"1")]))["type"] == "result.accepted"
-            stored = cp.result_files("../../etc", "..")["x"]
+            assert (await agent.upload("j-1", [("x", b"1")]))["type"] == "result.accepted"
+            stored = cp.result_files("../../etc", "j-1")["x"]
             assert stored.resolve().is_relative_to(cp.results_dir.resolve())
             assert stored.read_bytes() == b"1"
+            await agent.send(manifest("..", [("x", b"1")]))
+            refused = await agent.expect("error")
+            assert (refused["code"], refused["ref"]) == ("bad_message", "result.manifest")
+            assert cp.result_files("../../etc", "..") == {}
 
     run(main())

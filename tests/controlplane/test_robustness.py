@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from websockets.sync.client import connect as sync_connect
 
 from agent.controlplane import ThreadedControlPlane
+from agent.controlplane.jobs import build_assign
 from agent.protocol import MAX_CHUNK_PAYLOAD, MAX_HEADER, MAX_INCOMING_FRAME, SUBPROTOCOL
 from agent.protocol.frames import encode_binary
 from tests.controlplane.wire import (
@@ -148,7 +149,8 @@ def test_later_message_types_are_checked_and_recorded() -> None:
         {"type": "job.accepted", "job_id": "j-1"},
         {"type": "job.rejected", "job_id": "j-2", "code": "no_capacity", "detail": "busy"},
         {"type": "job.state", "job_id": "j-1", "state": "accepted", "ts": 1.0},
-        {"type": "job.state", "job_id": "j-1", "state": "failed", "ts": 2, "reason": "oom_killed"},
+        {"type": "job.state", "job_id": "j-1", "state": "failed", "ts": 2, "reason": "oom_killed"}
+        | {"exit_code": 137},
         {"type": "result.manifest", "job_id": "j-1", "total_bytes": 0, "files": []},
         {"type": "result.end", "job_id": "j-1"},
         {"type": "artifact.get", "artifact": "mdl-9", "offset": 0},
@@ -161,8 +163,10 @@ def test_later_message_types_are_checked_and_recorded() -> None:
 
     async def main() -> None:
         async with cp_with() as cp, session(cp) as (ws, _):
-            for job_id in ("j-1", "j-2", "j-3", "j-4", "j/2"):
+            for job_id in ("j-1", "j-2", "j-3", "j-4"):
                 await cp.assign(NODE, job_id, "registry.example/x:1", "vitals")
+            # The API refuses an id that breaks §4 (BadAssignment); sent as it is here.
+            await cp.send(NODE, build_assign("j/2", "registry.example/x:1", "vitals"))
             for message in messages + wrong:
                 await send_json(ws, message)
             await cp.wait_for_message(NODE, "job.rejected", lambda m: m["code"] == "nope")

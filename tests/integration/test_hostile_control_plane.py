@@ -521,3 +521,45 @@ def test_tls_files_spoiled_after_startup_are_a_local_error(tmp_path: Path, case:
         words = f"agent-side error: control_plane.client_key: the private key in {key} is encrypted"
     published = run_connection(config, lambda p: bool(errors(p)))
     assert errors(published)[0].startswith(words), errors(published)
+
+
+# -- PROTOCOL.md 1.1's caps on job.assign ------------------------------------------------
+
+
+def test_huge_assignments_are_refused_bad_spec_and_never_stored(tmp_path: Path) -> None:
+    """Review item 6: twelve ~1 MiB assignments, never acknowledged, took the agent from
+    53 to 1,428 MiB and the job store to 209 MiB. Each must now be refused ``bad_spec``
+    (a frame over 256 KiB, or a field over its cap), and the store must stay small."""
+    mib = 1024 * 1024
+    base = {"type": "job.assign", "image": {"ref": "cloudbender-test/busybox:latest"}}
+    base |= {"datastore": "vitals"}
+    huge = [base | {"job_id": f"j-{i}", "command": ["sh", "-c", "x" * mib]} for i in range(12)]
+    within_frame = [
+        base | {"job_id": "j-items", "command": ["true"] * 257},
+        base | {"job_id": "j-bytes", "command": ["x" * (64 * 1024 + 1)]},
+        base | {"job_id": "j-env", "env": {"V": "x" * (64 * 1024)}},
+        base | {"job_id": "j-types", "gpus": {"count": 0, "types": ["T"] * 17}},
+    ]
+    with control_plane(heartbeat_s=1) as cp:
+        path, port = agent_config(tmp_path, cp.url)
+        config = path.read_text() + (
+            "runtime: {allowed_images: ['cloudbender-test/*'], pull: false}\n"
+            "limits: {max_concurrent_jobs: 16}\n"
+        )
+        path.write_text(config)
+        with running_agent(path, port, tmp_path) as agent:
+            cp.wait_for_node(NODE, timeout=seconds(20))
+            for message in huge + within_frame:
+                cp.send(NODE, message)
+            for message in huge + within_frame:
+                reply = cp.wait_for_message(
+                    NODE, "job.rejected", lambda r, i=message["job_id"]: r["job_id"] == i
+                )
+                assert reply["code"] == "bad_spec", reply
+                assert "xxxxxxxx" not in reply["detail"]
+            node = cp.node(NODE)
+            assert node is not None and node.of_type("job.accepted") == []
+            assert agent.get_json("/status")[1]["jobs"] == []
+            assert agent.stop()[0] == 0
+    store = sum(f.stat().st_size for f in (tmp_path / "a" / "state").glob("jobs.db*"))
+    assert store < 256 * 1024, f"job store {store} bytes"

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from agent.config import Config, parse_config
+from agent.errors import ConfigError
 from agent.gpu.base import GpuInventory, mark_allocatable
 from agent.gpu.nvml import NvmlBackend
 from agent.jobs.admission import (
@@ -19,7 +21,7 @@ from agent.jobs.admission import (
     gpu_type_matches,
 )
 from agent.jobs.model import REJECTION_CODES
-from agent.protocol.messages import JobAssign
+from agent.protocol.messages import JobAssign, Resources
 from tests.fakes.nvml import FakeNvml, two_gpu_fake
 from tests.helpers.env import valid_config
 
@@ -345,3 +347,45 @@ def test_checks_run_in_protocol_order(tmp_path: Path) -> None:
 def test_node_cpus_must_be_known(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="node_cpus"):
         admit(make_assign(), make_config(tmp_path), node_cpus=0, gpus=None, gpu_support=False)
+
+
+# -- limits that would mean "no limit" to the engine (review item 4) ---------------------
+
+
+@pytest.mark.parametrize(
+    ("limits", "key"),
+    [
+        ({"max_cpus": 1e-10}, "max_cpus"),  # NanoCpus 0: no CPU limit
+        ({"max_cpus": 0.009}, "max_cpus"),
+        ({"max_memory_mib": 0}, "max_memory_mib"),  # Memory 0: no memory limit
+        ({"max_memory_mib": 5}, "max_memory_mib"),  # below Docker's 6 MiB minimum
+        ({"pids": 0}, "pids"),  # PidsLimit 0 or -1: no process limit
+        ({"pids": -1}, "pids"),
+        ({"tmp_mib": 0}, "tmp_mib"),  # tmpfs size=0: no /tmp limit
+    ],
+)
+def test_config_caps_that_mean_no_limit_are_refused(
+    tmp_path: Path, limits: dict[str, Any], key: str
+) -> None:
+    """A consumer's config whose cap the engine would read as none: every job unlimited."""
+    with pytest.raises(ConfigError, match=key):
+        make_config(tmp_path, limits=limits)
+
+
+def test_the_smallest_config_caps_are_real_limits(tmp_path: Path) -> None:
+    config = make_config(tmp_path, limits={"max_cpus": 0.01, "max_memory_mib": 6})
+    job = admitted(run_admit(make_assign(), config))
+    assert (job.cpus, job.memory_mib) == (0.01, 6)
+
+
+def test_an_assignment_built_in_code_cannot_ask_for_no_cpu_limit(tmp_path: Path) -> None:
+    """Review item 4 from inside: cpus 1e-10 that bypassed the protocol model's minimum."""
+    assign = make_assign().model_copy(update={"resources": Resources.model_construct(cpus=1e-10)})
+    detail = rejected(run_admit(assign, make_config(tmp_path)), "bad_spec", tmp_path)
+    assert "resources.cpus" in detail and "0.01" in detail
+
+
+def test_cpus_below_the_minimum_never_reach_admission() -> None:
+    """Review item 4: ``resources.cpus: 1e-10`` is refused as the assignment is parsed."""
+    with pytest.raises(ValidationError, match=r"resources\.cpus"):
+        make_assign(resources={"cpus": 1e-10})

@@ -21,7 +21,13 @@ from agent.errors import ImageDigestMismatch, ImageRefInvalid, InvalidContainerS
 from agent.runtime.base import ContainerSpec, ContainerState
 from agent.runtime.images import parse_ref, pinned_digest, repo_digests, scrub
 from agent.runtime.pull import PullProgress, encode_auth, json_objects
-from agent.runtime.spec import container_name, create_kwargs, env_problems, spec_problems
+from agent.runtime.spec import (
+    container_name,
+    create_kwargs,
+    env_problems,
+    spec_problems,
+    tmpfs_options,
+)
 from agent.runtime.verify import isolation_summary, verify_attrs
 
 IMAGE_ID = "sha256:" + "ab" * 32
@@ -266,7 +272,10 @@ def test_env_problems_names_bad_names_and_nul_bytes() -> None:
         ({"command": []}, "command"),
         ({"command": "python predict.py"}, "command"),
         ({"cpus": 0.0}, "cpus"),
+        ({"cpus": 1e-10}, "at least 0.01"),  # NanoCpus 0: no limit to Docker
+        ({"cpus": 0.009}, "at least 0.01"),
         ({"cpus": float("nan")}, "cpus"),
+        ({"cpus": float("inf")}, "cpus"),
         ({"memory_mib": 4}, "minimum of 6 MiB"),
         ({"pids": 0}, "pids"),
         ({"tmp_mib": 0}, "tmp_mib"),
@@ -566,6 +575,42 @@ def test_verify_attrs_holds_a_gpu_job_to_its_leased_gpus(
     attrs = engine_attrs(spec)
     mutate(attrs)
     assert any(words in p for p in verify_attrs(spec, attrs)), verify_attrs(spec, attrs)
+
+
+def _limits_of(**changes: Any) -> Callable[[dict[str, Any]], None]:
+    """Set HostConfig fields as the engine reports them for ``changes`` (unchecked)."""
+
+    def mutate(attrs: dict[str, Any]) -> None:
+        attrs["HostConfig"].update(changes)
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("asked", "reported", "words"),
+    [
+        ({"cpus": 1e-10}, _limits_of(NanoCpus=0), "NanoCpus is 0"),
+        ({"cpus": 1e-9}, _limits_of(NanoCpus=1), "NanoCpus is 1"),
+        ({"memory_mib": 0}, _limits_of(Memory=0, MemorySwap=0), "Memory is 0"),
+        (
+            {"tmp_mib": 0},
+            _limits_of(Tmpfs={"/tmp": tmpfs_options(make_spec(tmp_mib=0))}),
+            "no positive size=",
+        ),
+    ],
+    ids=["nano-cpus-0", "nano-cpus-1", "memory-0", "tmpfs-size-0"],
+)
+def test_verify_refuses_a_limit_that_means_none_even_when_the_spec_asked_for_it(
+    asked: dict[str, Any], reported: Callable[[dict[str, Any]], None], words: str
+) -> None:
+    """Review item 4: ``cpus: 1e-10`` became NanoCpus 0, read by Docker as no limit, and
+    the read-back passed because the engine reported exactly what was asked. The check
+    must hold the engine to SECURITY.md §1 (a positive limit), not only to the spec."""
+    spec = make_spec(**asked)
+    attrs = engine_attrs(make_spec())
+    reported(attrs)
+    problems = verify_attrs(spec, attrs)
+    assert any(words in p for p in problems), problems
 
 
 def test_isolation_summary_records_settings_but_no_host_path() -> None:
