@@ -5,7 +5,10 @@ Lifecycle (after uvicorn's server): startup → main loop → shutdown.
 - startup: prepare the state directory, take a first sample, start the health server,
   confirm it answers, then tell systemd ``READY=1``.
 - main loop: independent tasks, one owner each (this class): the loop heartbeat, the
-  sampler (GPUs, host), the state-directory check and the systemd watchdog.
+  sampler (GPUs, host), the state-directory check, the runtime probe, the janitor and
+  the systemd watchdog. A failed pass of a periodic loop is logged and the loop goes
+  on (``agent.loops``): no sampler or probe error ends the daemon. Only a task that is
+  not periodic (the control-plane link, job recovery) ends it when it fails.
 - shutdown: the first SIGTERM/SIGINT sets a flag; the daemon says ``STOPPING=1``,
   cancels its tasks, stops the health server and returns. A second signal cancels at
   once. SIGHUP reloads what can be reloaded (``agent.reload``).
@@ -17,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import resource
 import signal
 import time
-import urllib.request
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +44,12 @@ from agent.health.facts import (
     watchdog_ok,
 )
 from agent.health.metrics import AgentCollector, build_registry, render
-from agent.health.server import LOOPBACK_HTTP, Endpoints, HealthServer
+from agent.health.server import Endpoints, HealthServer
 from agent.health.status import status_document
 from agent.hostinfo import HostSampler
 from agent.jobs.setup import JobSystem, build_jobs
 from agent.jobs.store import StoreError
+from agent.loops import LoopFailures, every, guarded
 from agent.reload import plan_reload
 from agent.runtime.base import Runtime
 from agent.statedir import check_state_dir, prepare_state_dir
@@ -83,6 +88,7 @@ class Daemon:
         self._signals = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._failed: BaseException | None = None
+        self._failures = LoopFailures()
         self._host_sampler = HostSampler(config.state_dir)
         host, port = config.health.address
         self._health = HealthServer(
@@ -118,12 +124,13 @@ class Daemon:
         try:
             await self._startup()
             self._spawn(self._heartbeat(), "loop-heartbeat")
-            self._spawn(self._sampler(), "sampler")
-            self._spawn(self._state_dir_checker(), "state-dir-check")
-            self._spawn(self._runtime_prober(), "runtime-probe")
+            self._repeat("sampler", SAMPLE_INTERVAL_S, self._sample_once)
+            self._repeat("state-dir-check", STATE_DIR_CHECK_S, self._check_state_dir)
+            self._repeat("runtime-probe", RUNTIME_PROBE_S, self._probe_runtime)
             self._spawn(self._jobs_and_link(), "jobs-and-control-plane")
             if self._notifier.watchdog_interval_s:
-                self._spawn(self._watchdog(self._notifier.watchdog_interval_s), "watchdog")
+                interval = self._notifier.watchdog_interval_s
+                self._repeat("watchdog", interval, self._watchdog_pass, wait_first=False)
             await self._stop.wait()
         finally:
             await self._shutdown()
@@ -136,10 +143,10 @@ class Daemon:
             prepare_state_dir, self.config.state_dir
         )
         self.facts.runtime = await asyncio.to_thread(self._runtime.info)
-        await self._sample_once()
+        await self._sample_once()  # never raises: a node without host facts still starts
         self._health.start()
         host, port = self._health.address
-        if not await asyncio.to_thread(_answers, host, port):
+        if not await asyncio.to_thread(self._health.answers):
             raise HealthServerError(f"health server on {host}:{port} does not answer")
         log.info(
             "agent_started",
@@ -148,6 +155,7 @@ class Daemon:
             health=f"{host}:{port}",
             gpus=len(self.facts.gpus.gpus) if self.facts.gpus else 0,
             control_plane=self.facts.control_plane.state,
+            open_files_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         )
         self._notifier.ready(self._status_line())
 
@@ -171,13 +179,25 @@ class Daemon:
         task.add_done_callback(self._on_task_done)
         self._tasks.append(task)
 
+    def _repeat(
+        self,
+        name: str,
+        interval_s: float,
+        body: Callable[[], Awaitable[None]],
+        *,
+        wait_first: bool = True,
+    ) -> None:
+        loop = every(name, interval_s, body, self._failures, wait_first=wait_first)
+        self._spawn(loop, name)
+
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             return
         exc = task.exception()
         if exc is not None:
-            # A dead owner loop would leave a part silently missing: stop loudly instead,
-            # and let systemd's Restart=on-failure bring the agent back.
+            # Periodic loops never get here (agent.loops). A dead one-off owner (the link,
+            # recovery) would leave a part silently missing: stop loudly instead, and let
+            # systemd's Restart=on-failure bring the agent back.
             log.error("task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
             self._failed = exc
             self._stop.set()
@@ -198,7 +218,9 @@ class Daemon:
                 task.cancel()
 
     def _on_reload_signal(self) -> None:
-        self._spawn(self._reload(), "reload")
+        # A reload that fails in an unforeseen way keeps the running config; it must not
+        # stop the daemon.
+        self._spawn(guarded("reload", self._reload, self._failures), "reload")
 
     # -- the owner loops ------------------------------------------------------------------
 
@@ -221,20 +243,19 @@ class Daemon:
         self._jobs.manager.on_change.append(self._publish_jobs)
         self._publish_jobs()
         self._spawn(self._recover_jobs(self._jobs), "job-recovery")
-        self._spawn(self._janitor(self._jobs), "janitor")
+        jobs = self._jobs
+        self._repeat("janitor", JANITOR_S, lambda: self._janitor_pass(jobs), wait_first=False)
         if self.config.control_plane is not None:
             await self._connection(self.config.control_plane).run()
 
-    async def _janitor(self, jobs: JobSystem) -> None:
+    async def _janitor_pass(self, jobs: JobSystem) -> None:
         # Delivered results are kept results.retention_h, then deleted; ended jobs are
         # remembered 7 days for duplicate_job, then forgotten.
-        while True:
-            retention_s = self.config.results.retention_h * 3600
-            gone = await asyncio.to_thread(jobs.ctx.results.spool.purge_delivered, retention_s)
-            if gone:
-                log.info("delivered_results_deleted", jobs=gone)
-            jobs.store.forget_old()
-            await asyncio.sleep(JANITOR_S)
+        retention_s = self.config.results.retention_h * 3600
+        gone = await asyncio.to_thread(jobs.ctx.results.spool.purge_delivered, retention_s)
+        if gone:
+            log.info("delivered_results_deleted", jobs=gone)
+        jobs.store.forget_old()
 
     async def _recover_jobs(self, jobs: JobSystem) -> None:
         # Until the engine answers, nothing can be said about the containers: wait for
@@ -243,7 +264,8 @@ class Daemon:
             try:
                 containers = await asyncio.to_thread(self._runtime.list_jobs, self.config.node.id)
                 break
-            except AgentError as exc:
+            # Not only AgentError: an OSError (EMFILE) while asking is just as passing.
+            except Exception as exc:
                 log.error("job_recovery_waiting_for_engine", error=str(exc), retry_in_s=10)
                 await asyncio.sleep(10)
         await jobs.manager.recover(containers)
@@ -263,25 +285,30 @@ class Daemon:
             user_agent=f"cloudbender-agent/{__version__}",
         )
 
-    async def _runtime_prober(self) -> None:
-        while True:
-            await asyncio.sleep(RUNTIME_PROBE_S)
-            self.facts.runtime = await asyncio.to_thread(self._runtime.info)
+    async def _probe_runtime(self) -> None:
+        self.facts.runtime = await asyncio.to_thread(self._runtime.info)
 
     async def _heartbeat(self) -> None:
         while True:
             self.facts.loop_tick = time.monotonic()
             await asyncio.sleep(LOOP_TICK_S)
 
-    async def _sampler(self) -> None:
-        while True:
-            await asyncio.sleep(SAMPLE_INTERVAL_S)
-            await self._sample_once()
-
     async def _sample_once(self) -> None:
-        inventory: GpuInventory = await asyncio.to_thread(self._gpu.snapshot)
-        self.facts.gpus = mark_allocatable(inventory, self.config.gpus.allow)
-        self.facts.host = await asyncio.to_thread(self._host_sampler.sample)
+        """Sample the GPUs and the host. Never raises (but ``CancelledError``).
+
+        Each source is guarded on its own: one that fails keeps its last sample (or
+        none) and is logged, and does not keep the other from being sampled.
+        """
+
+        async def gpus() -> None:
+            inventory: GpuInventory = await asyncio.to_thread(self._gpu.snapshot)
+            self.facts.gpus = mark_allocatable(inventory, self.config.gpus.allow)
+
+        async def host() -> None:
+            self.facts.host = await asyncio.to_thread(self._host_sampler.sample)
+
+        await guarded("gpu-sampler", gpus, self._failures)
+        await guarded("host-sampler", host, self._failures)
         if self._jobs is not None:
             # A GPU may have come back: let jobs waiting for GPUs look again.
             self._jobs.ctx.resources_changed.fire()
@@ -291,24 +318,22 @@ class Daemon:
         self.facts.jobs = tuple(self._jobs.manager.snapshot())
         self.facts.jobs_ended = dict(self._jobs.manager.ended)
 
-    async def _state_dir_checker(self) -> None:
-        while True:
-            await asyncio.sleep(STATE_DIR_CHECK_S)
-            problem = await asyncio.to_thread(check_state_dir, self.config.state_dir)
-            if problem != self.facts.state_dir_problem:
-                if problem is None:
-                    log.info("state_dir_ok")
-                else:
-                    log.warning("state_dir_problem", detail=problem.detail)
-            self.facts.state_dir_problem = problem
+    async def _check_state_dir(self) -> None:
+        problem = await asyncio.to_thread(check_state_dir, self.config.state_dir)
+        if problem != self.facts.state_dir_problem:
+            if problem is None:
+                log.info("state_dir_ok")
+            else:
+                log.warning("state_dir_problem", detail=problem.detail)
+        self.facts.state_dir_problem = problem
 
-    async def _watchdog(self, interval_s: float) -> None:
-        while True:
-            problems = self.problems()
-            if watchdog_ok(problems):
-                self._notifier.watchdog()
-            self._notifier.status(self._status_line(problems))
-            await asyncio.sleep(interval_s)
+    async def _watchdog_pass(self) -> None:
+        # A pass that raises sends no WATCHDOG=1: if it keeps failing, systemd restarts
+        # the agent, which is what the watchdog is for.
+        problems = self.problems()
+        if watchdog_ok(problems):
+            self._notifier.watchdog()
+        self._notifier.status(self._status_line(problems))
 
     async def _reload(self) -> None:
         if self._config_path is None:
@@ -339,18 +364,6 @@ class Daemon:
         return f"{health}; control plane {self.facts.control_plane.state}; {gpus} GPU(s)"
 
 
-def _answers(host: str, port: int) -> bool:
-    # READY=1 must mean "the health server answers", not merely "a socket is bound".
-    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        with LOOPBACK_HTTP.open(f"http://{netloc}/healthz", timeout=5) as response:
-            return int(response.status) in (200, 503)
-    except urllib.error.HTTPError as exc:
-        return exc.code == 503
-    except (TimeoutError, OSError):
-        return False
-
-
 def serve(
     config: Config,
     *,
@@ -358,7 +371,15 @@ def serve(
     runtime: Runtime,
     config_path: Path | None = None,
 ) -> int:
-    """Configure logging, run the daemon to completion, return the process exit status."""
+    """Configure logging, run the daemon to completion, return the process exit status.
+
+    Sets the process umask to 0077 first, whoever started the daemon (the CLI, a test
+    launcher, a shell without systemd's ``UMask=``): everything it creates (the job
+    store and its ``-wal``/``-shm`` files, spool, ledger) is the owner's alone.
+    Raises :class:`~agent.errors.StateDirError` when the state directory cannot be
+    made private (``agent.statedir``).
+    """
+    os.umask(0o077)
     logs.configure(config.logging.level, config.logging.format)
     notifier = Notifier()
     daemon = Daemon(config, gpu=gpu, notifier=notifier, runtime=runtime, config_path=config_path)

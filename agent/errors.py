@@ -9,6 +9,7 @@ to the low-level cause; only ``agent.cli`` turns them into exit codes.
     ├── ConfigError          the YAML config is unreadable or invalid (exit 78, EX_CONFIG)
     ├── GpuError             the GPU backend failed in a way the caller must see
     ├── HealthServerError    the loopback health server could not start (port taken, bad address)
+    ├── StateDirError        the state directory cannot be made private (exit 78, EX_CONFIG)
     ├── DaemonUnreachable    a CLI command found no daemon answering on the health address
     ├── ContainerRuntimeError    the container engine failed or refused (agent.runtime)
     │   ├── RuntimeUnavailable       the engine does not answer (daemon down, socket missing)
@@ -77,6 +78,14 @@ class GpuError(AgentError):
 
 class HealthServerError(AgentError):
     """The health server could not be started."""
+
+
+class StateDirError(AgentError):
+    """The state directory exists but cannot be made the agent's alone (mode 0700).
+
+    Raised at start: it is not owned by the agent's user, or ``chmod`` fails (a
+    read-only file system). The message names the directory and says why.
+    """
 
 
 class DaemonUnreachable(AgentError):

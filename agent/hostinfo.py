@@ -1,4 +1,9 @@
-"""Host CPU, memory and disk facts from psutil. Blocking calls: run them in a thread."""
+"""Host CPU, memory and disk facts from psutil. Blocking calls: run them in a thread.
+
+:meth:`HostSampler.sample` raises what psutil raises (``OSError`` such as ``EMFILE``
+when the process is out of descriptors): the daemon's sampler logs it and keeps the
+last sample (``agent.loops``).
+"""
 
 from __future__ import annotations
 
@@ -16,13 +21,17 @@ MIB = 1024 * 1024
 
 @cache
 def cpu_model() -> str | None:
-    """The CPU's marketing name, or None where the platform does not say."""
+    """The CPU's marketing name, or None where the platform does not say.
+
+    Raises ``OSError`` when ``/proc/cpuinfo`` exists but cannot be read now (``EMFILE``):
+    the answer is cached for good, so a passing failure must not become it.
+    """
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith(("model name", "Model")):
                     return line.split(":", 1)[1].strip() or None
-    except OSError:
+    except (FileNotFoundError, PermissionError):
         pass
     return platform.processor() or None
 

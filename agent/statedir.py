@@ -1,26 +1,95 @@
-"""The state directory: created root-only, and probed for writability (health facts)."""
+"""The state directory: made the agent's alone at start, and probed for writability.
+
+It holds the job store (a job's ``env`` carries a provider's secrets), the audit
+ledger, the spool and the model cache: nobody but the agent's user may read it. Under
+systemd, ``StateDirectory=``/``StateDirectoryMode=0700`` see to that; run any other way
+the directory may exist already with mode 0755, holding a ``jobs.db`` left 0644 by an
+earlier run (and SQLite gives a new ``-wal`` file the mode of its database, whatever the
+umask). So :func:`prepare_state_dir` does not trust an existing directory: it makes it
+0700 or refuses to start.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import stat
 from pathlib import Path
 
+from agent.errors import StateDirError
 from agent.health.facts import Problem
+
+MODE = 0o700
 
 
 def prepare_state_dir(path: Path) -> Problem | None:
-    """Create the state directory (mode 0700) if needed; return a problem or None."""
+    """Create the state directory, or make an existing one private; then probe it.
+
+    A directory that cannot be created (a parent missing or read-only) is a health
+    problem, returned: the agent serves ``/healthz`` and takes no jobs. An existing
+    directory is made mode 0700, and the regular files directly in it that the agent's
+    user owns (``jobs.db*``, the ledger) lose every group and other bit. Raises
+    :class:`StateDirError` when the directory is not owned by the agent's user (its
+    owner could open it up again at any time) or cannot be chmod'ed. Idempotent.
+    """
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.mkdir(mode=MODE, parents=True, exist_ok=True)
     except OSError as exc:
         return Problem(
             "state_dir_unwritable",
             f"state directory {path} cannot be created: {exc.strerror}",
             restart_helps=True,
         )
+    make_private(path)
     return check_state_dir(path)
+
+
+def make_private(path: Path) -> None:
+    """Make the existing directory ``path`` mode 0700 and its own files owner-only.
+
+    Raises :class:`StateDirError` naming ``path`` when that cannot be done.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise StateDirError(f"state directory {path} cannot be read: {exc.strerror}") from exc
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        raise StateDirError(
+            f"state directory {path} is owned by uid {st.st_uid}, not by the agent's user "
+            f"(uid {euid}): that user could read the job store and the audit ledger. "
+            f"Give it to uid {euid} (chown) or set state_dir to a directory of its own"
+        )
+    if stat.S_IMODE(st.st_mode) != MODE:
+        try:
+            os.chmod(path, MODE)
+        except OSError as exc:
+            raise StateDirError(
+                f"state directory {path} has mode {stat.S_IMODE(st.st_mode):04o} and cannot "
+                f"be made {MODE:04o}: {exc.strerror}"
+            ) from exc
+    _tighten_files(path, euid)
+
+
+def _tighten_files(path: Path, euid: int) -> None:
+    # Files left by an earlier run under a looser umask: SQLite gives a new -wal or
+    # -shm file the mode of jobs.db, whatever the umask. Best effort: once the
+    # directory is 0700 nobody else can reach them anyway, and a read-only file system
+    # (which the writability probe reports) must not be a reason to refuse the start.
+    # Only regular files directly here: job output directories belong to the job's
+    # user, and the modules that own subdirectories create them 0700.
+    with contextlib.suppress(OSError), os.scandir(path) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                loose = stat.S_IMODE(st.st_mode) & 0o077
+                # One link only: a hard link planted while the directory was open
+                # would have this chmod change a file elsewhere. Not a symbolic link
+                # (lstat), and the directory is now 0700 and ours: nobody can swap
+                # one in before the chmod.
+                if stat.S_ISREG(st.st_mode) and st.st_uid == euid and st.st_nlink == 1 and loose:
+                    os.chmod(entry.path, stat.S_IMODE(st.st_mode) & ~0o077)
 
 
 def check_state_dir(path: Path) -> Problem | None:

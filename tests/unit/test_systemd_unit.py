@@ -83,3 +83,6 @@ def test_the_contracts_with_the_daemon_are_in_the_unit() -> None:
     assert d["StateDirectory"] == ["cloudbender-agent"]  # matches config.state_dir's default
     assert d["Environment"] == ["CLOUDBENDER_AGENT_CONFIG=/etc/cloudbender-agent/config.yaml"]
     assert "ProcSubset" not in d  # would hide /proc/stat and /proc/meminfo from psutil
+    # Soft = hard, set explicitly: systemd's default soft limit is 1024, and the agent
+    # raises no limit itself (docs/systemd.md).
+    assert d["LimitNOFILE"] == ["16384"]
