@@ -16,7 +16,7 @@ define lint_cmds
 	$(BIN)/mypy --strict agent/
 endef
 
-.PHONY: help bootstrap images lint fmt test test-with-engine demo docker-up docker-down \
+.PHONY: help bootstrap images lint fmt test test-with-engine soak demo docker-up docker-down \
 	clean distclean
 
 help:
@@ -26,6 +26,7 @@ help:
 	@echo "make bootstrap    system packages and .venv (idempotent)"
 	@echo "make images       build the local test images (never pulls)"
 	@echo "make docker-up    start a Docker engine and leave it up; docker-down stops it"
+	@echo "make soak         40 jobs under control-plane restarts and agent kills (SOAK_ARGS=...)"
 	@echo "make demo         the end-to-end demo (not available yet)"
 	@echo "make clean        caches; distclean also .venv and .cache"
 
@@ -52,6 +53,11 @@ test-with-engine:
 	@bash scripts/build-test-images.sh
 	$(lint_cmds)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Minutes, not part of `make test` (a short version runs there: tests/docker/test_soak.py).
+SOAK_ARGS ?= --jobs 40 --cp-restarts 8 --agent-kills 5 --seed 1
+soak: bootstrap
+	@$(WITH_ENGINE) bash -c 'bash scripts/build-test-images.sh && $(BIN)/python bench/soak.py $(SOAK_ARGS)'
 
 demo:
 	@echo "make demo: not available yet — the end-to-end demo arrives with its own issue (see README, Status)" >&2

@@ -1,7 +1,10 @@
 """``cloudbender-agent audit``: the egress ledger, for a person or a script.
 
 Rendering only; reading and checking the chain are :mod:`agent.audit`'s, exit codes are
-:mod:`agent.cli`'s.
+:mod:`agent.cli`'s. Every line for a person passes through
+:func:`agent.escaping.escape` as a whole: image refs, job ids, result paths and reasons
+were chosen by a provider, a control plane or a job, and an escape sequence in one of
+them must not move the cursor over the line above (``--json`` is escaped by JSON).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.audit import VerifyResult, read, verify
+from agent.escaping import escape
 
 _COMMON = frozenset({"seq", "ts", "kind", "job_id", "prev"})
 
@@ -92,10 +96,11 @@ _FACTS: dict[str, Callable[[Mapping[str, Any]], str]] = {
 
 
 def render_entry(entry: Mapping[str, Any]) -> str:
-    """One line: time (UTC), seq, kind, job, and the entry's key facts."""
+    """One line: time (UTC), seq, kind, job, and the entry's key facts; printable
+    (every control or format character escaped, so nothing in it moves the cursor)."""
     kind = str(entry.get("kind"))
     facts = _FACTS.get(kind, _other)(entry)
-    return (
+    return escape(
         f"{_when(entry.get('ts'))}  #{entry.get('seq'):<5} {kind:<17} "
         f"{entry.get('job_id') or '-'}  {facts}"
     )
@@ -146,17 +151,21 @@ def show(ledger: Path, job_id: str | None, *, as_json: bool) -> None:
         print(f"audit ledger {ledger}: no entries {which}", file=sys.stderr)
 
 
-def check(ledger: Path, *, as_json: bool) -> bool:
-    """Verify the chain and print the outcome; the first bad line goes to stderr.
-    ``True`` when intact or when there is no ledger yet. Raises ``OSError``."""
-    if not ledger.exists():
+def check(ledger: Path, anchor: tuple[int, str] | None, *, as_json: bool) -> bool:
+    """Verify the chain against ``anchor`` (the job store's ``(seq, head)``, ``None``
+    when it has none) and print the outcome: ``OK``/``FAILED`` on stdout, the first bad
+    line and why on stderr. ``True`` when intact, or when there is no ledger yet and no
+    anchor says there should be one. Raises ``OSError``."""
+    if not ledger.exists() and (anchor is None or anchor[0] == 0):
         print(f"audit ledger {ledger}: no ledger yet")
         return True
-    result = verify(ledger)
+    result = verify(ledger, anchor)
     if as_json:
         print(verify_json(result))
     elif result.ok:
         print(f"OK: {result.entries} entries, chain intact (head {result.head})")
+    else:
+        print(f"FAILED: {result.problem}")
     if not result.ok:
         where = f"line {result.first_bad_line}: {result.problem}"
         print(f"audit ledger {ledger}: {where}", file=sys.stderr)

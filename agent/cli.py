@@ -4,7 +4,8 @@ Exit codes: 0 success; 1 failure (the daemon stopped on an error, the node is
 unhealthy for ``status``, the audit chain is broken or the ledger is unreadable for
 ``audit``, where a ledger not yet created is 0); 3 no daemon answers (as LSB's "program
 is not running");
-78 the configuration is invalid (EX_CONFIG: systemd's RestartPreventExitStatus).
+78 the configuration is invalid, or ``run`` found a state directory it cannot make
+private (EX_CONFIG: systemd's RestartPreventExitStatus; a restart would fail the same way).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from agent import __version__
 from agent.config import Config, default_config_path, load_config
-from agent.errors import ConfigError, DaemonUnreachable
+from agent.errors import ConfigError, DaemonUnreachable, StateDirError
 
 EX_OK, EX_FAIL, EX_NOT_RUNNING, EX_CONFIG = 0, 1, 3, 78
 
@@ -61,7 +62,16 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--job", metavar="ID", help="only this job's entries")
     audit.add_argument("--json", action="store_true", help="JSON lines, as in the ledger")
     audit.add_argument(
-        "--verify", action="store_true", help="check the hash chain; exit 1 if it is broken"
+        "--verify",
+        action="store_true",
+        help="check the hash chain, and that no entry the job store counted is missing; "
+        "exit 1 if not",
+    )
+    audit.add_argument(
+        "--reset-anchor",
+        action="store_true",
+        help="forget the job store's record of the ledger's head, so that the agent starts "
+        "a new ledger after one was lost (stop the agent first; see docs/audit.md)",
     )
     return parser
 
@@ -80,9 +90,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "jobs":
             return _jobs(args.config, args.address, as_json=args.json)
         if args.command == "audit":
+            if args.reset_anchor:
+                return _audit_reset_anchor(args.config)
             return _audit(args.config, args.job, as_json=args.json, verify=args.verify)
     except ConfigError as exc:
         _print_config_problems(args.config, exc)
+        return EX_CONFIG
+    except StateDirError as exc:
+        print(f"cloudbender-agent: {exc}", file=sys.stderr)
         return EX_CONFIG
     except DaemonUnreachable as exc:
         print(f"cloudbender-agent: {exc}", file=sys.stderr)
@@ -181,18 +196,53 @@ def _status(path: Path | None, address: str | None, *, as_json: bool) -> int:
 def _audit(path: Path | None, job: str | None, *, as_json: bool, verify: bool) -> int:
     from agent.audit import AuditError, ledger_path
     from agent.auditcmd import check, show
+    from agent.jobs.store import StoreError, read_audit_anchor, store_path
 
-    ledger = ledger_path(load_config(path).state_dir)
+    state_dir = load_config(path).state_dir
+    ledger = ledger_path(state_dir)
     try:
         if verify:
-            return EX_OK if check(ledger, as_json=as_json) else EX_FAIL
+            anchor = read_audit_anchor(store_path(state_dir))
+            return EX_OK if check(ledger, anchor, as_json=as_json) else EX_FAIL
         show(ledger, job, as_json=as_json)
     except AuditError as exc:
         print(f"cloudbender-agent: {exc}; run `cloudbender-agent audit --verify`", file=sys.stderr)
         return EX_FAIL
+    except StoreError as exc:
+        print(f"cloudbender-agent: {exc}", file=sys.stderr)
+        return EX_FAIL
     except OSError as exc:
         print(f"cloudbender-agent: cannot read {ledger}: {exc.strerror}", file=sys.stderr)
         return EX_FAIL
+    return EX_OK
+
+
+def _audit_reset_anchor(path: Path | None) -> int:
+    from agent.audit import AuditError, AuditLedger, ledger_path
+    from agent.jobs.store import AuditAnchor, StoreError, store_path
+
+    state_dir = load_config(path).state_dir
+    ledger = ledger_path(state_dir)
+    try:
+        # Holding the ledger's lock proves no agent is writing it; opening it without
+        # the anchor creates an empty one where the lost one was.
+        with AuditLedger(ledger) as writer:
+            anchor = AuditAnchor(store_path(state_dir))
+            try:
+                lost = anchor.forget()
+            finally:
+                anchor.close()
+            seq, _ = writer.head
+    except (AuditError, StoreError) as exc:
+        print(f"cloudbender-agent: {exc}", file=sys.stderr)
+        return EX_FAIL
+    if lost is None:
+        print("no anchor to reset: the job store held none")
+    else:
+        print(
+            f"anchor reset: the job store had recorded {lost[0]} entries (head {lost[1]}); "
+            f"{ledger} has {seq}, and the agent continues from there"
+        )
     return EX_OK
 
 

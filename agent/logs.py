@@ -7,6 +7,14 @@ by the JSON renderer or by ``repr`` (a ``"`` or ``\\`` in a token): all three fo
 masked.
 
 :class:`Throttle` bounds lines that a peer can cause at will (one per frame it sends).
+
+A value in a log line may be a peer's or a job's string (a job id, a result file's
+name, a close reason). The JSON renderer escapes every control character. The console
+renderer is told to ``repr`` every value, strings too (by default it prints a string
+without spaces as it is); the event, a traceback and the stdlib handler's lines, which
+it prints as they are, are escaped first (:func:`agent.escaping.escape`): an ``ESC``
+or ``\\n`` from a peer cannot rewrite the terminal or start a forged line. A traceback
+keeps its own newlines.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 import structlog
+
+from agent.escaping import escape
 
 _SECRETS: set[str] = set()
 _MASK = "[redacted]"
@@ -56,13 +66,26 @@ def _scrub_processor(_logger: Any, _method: str, event: MutableMapping[str, Any]
     return scrub(event) if isinstance(event, str) else event  # type: ignore[return-value]
 
 
+# What the console renderer prints without repr; tracebacks keep their newlines.
+_RAW_KEYS = {"event": "", "exception": "\n", "stack": "\n"}
+
+
+def _escape_raw(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
+    for key, keep in _RAW_KEYS.items():
+        if isinstance(event.get(key), str):
+            event[key] = escape(event[key], keep=keep)
+    return event
+
+
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     """Configure structlog and the stdlib root logger. Safe to call again (reload)."""
     stream = stream or sys.stderr
     numeric = logging.getLevelName(level.upper())
     renderer: Any
+    escaping: list[Any] = []
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty(), repr_native_str=True)
+        escaping = [_escape_raw]
     else:
         renderer = structlog.processors.JSONRenderer()
     structlog.configure(
@@ -73,6 +96,7 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             structlog.processors.UnicodeDecoder(),
+            *escaping,
             renderer,
             _scrub_processor,
         ],
@@ -90,6 +114,13 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
 
 
 class _ScrubbingFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The message line only: an exception's traceback keeps its newlines.
+        return escape(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return escape(super().formatException(ei), keep="\n")
+
     def format(self, record: logging.LogRecord) -> str:
         return scrub(super().format(record))
 

@@ -1,4 +1,10 @@
-"""``cloudbender-agent status``: fetch the daemon's ``/status`` and show it to a person."""
+"""``cloudbender-agent status``: fetch the daemon's ``/status`` and show it to a person.
+
+Job ids, image refs, reasons and a control plane's error texts in the document were
+chosen by peers: every line shown passes through :func:`agent.escaping.escape` once,
+so that none of them can move the cursor or forge a line (``--json`` is escaped by
+JSON).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from typing import Any
 
 from agent.config import split_host_port
 from agent.errors import DaemonUnreachable
+from agent.escaping import escape
 from agent.health.server import LOOPBACK_HTTP
 
 TIMEOUT_S = 5.0
@@ -96,16 +103,18 @@ def render_status(doc: dict[str, Any]) -> str:
         lines.append(f"{label:<14} {store.get('name')}{desc}")
     jobs = doc.get("jobs") or []
     lines.append(f"{'Jobs':<14} {len(jobs) or 'none'}")
+    lines = [escape(line) for line in lines]  # the jobs table below is escaped already
     if jobs:
         lines.extend("  " + line for line in render_jobs(jobs).splitlines())
     return "\n".join(lines)
 
 
 def render_jobs(jobs: list[dict[str, Any]]) -> str:
-    """A table of jobs: id, state (with reason and exit code), age, GPUs, image."""
+    """A table of jobs: id, state (with reason and exit code), age, GPUs, image; each
+    cell escaped before the columns are measured."""
     if not jobs:
         return "No jobs."
-    rows = [("JOB", "STATE", "AGE", "GPUS", "IMAGE")]
+    rows: list[tuple[str, ...]] = [("JOB", "STATE", "AGE", "GPUS", "IMAGE")]
     for job in jobs:
         state = str(job.get("state"))
         if job.get("reason"):
@@ -113,7 +122,8 @@ def render_jobs(jobs: list[dict[str, Any]]) -> str:
             state += f", exit {job['exit_code']})" if job.get("exit_code") is not None else ")"
         gpus = ",".join(str(g)[:12] for g in job.get("gpus") or []) or "—"
         age = _duration(float(job.get("age_s") or 0))
-        rows.append((str(job.get("job_id")), state, age, gpus, str(job.get("image") or "—")))
+        cells = (str(job.get("job_id")), state, age, gpus, str(job.get("image") or "—"))
+        rows.append(tuple(escape(cell) for cell in cells))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join(
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4]

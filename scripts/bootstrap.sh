@@ -17,6 +17,8 @@ STAMP=$VENV/.bootstrap-stamp
 missing=()
 { have docker && have dockerd; } || missing+=(docker.io)
 have systemd-analyze || missing+=(systemd)
+# Job outputs are loop-mounted ext4 images (agent/jobs/outputfs.py).
+{ have mkfs.ext4 && have mount && have losetup; } || missing+=(e2fsprogs mount)
 if ! have "$PYTHON"; then
     missing+=(python3 python3-venv)
 # Debian ships ensurepip, without which `python3 -m venv` fails, in python3-venv.

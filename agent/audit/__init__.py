@@ -9,14 +9,18 @@ appear by name, result files by their path inside the job's output directory.
 
 - :mod:`agent.audit.chain`: the line format, :func:`verify` and :func:`read` (no state)
 - :mod:`agent.audit.ledger`: :class:`AuditLedger`, the fsyncing, thread-safe writer
+- :mod:`agent.audit.anchor`: the ledger's ``(seq, head)`` kept in the job store, which
+  makes a deleted, shortened or replaced ledger fail to open and fail ``--verify``
 """
 
+from agent.audit.anchor import Anchor
 from agent.audit.chain import GENESIS, AuditError, VerifyResult, read, verify
 from agent.audit.ledger import FILENAME, AuditLedger, ledger_path
 
 __all__ = [
     "FILENAME",
     "GENESIS",
+    "Anchor",
     "AuditError",
     "AuditLedger",
     "VerifyResult",

@@ -82,26 +82,61 @@ class VerifyResult:
     head: str | None = None  # sha256 of the last line when ok: compare with the one shipped off-box
 
 
-def verify(path: Path) -> VerifyResult:
+def verify(path: Path, anchor: tuple[int, str] | None = None) -> VerifyResult:
     """Check the whole chain in ``path``, streaming it (memory does not grow with it).
 
     Detects a changed byte (the line no longer parses, or the next line's ``prev`` no
     longer matches it), a removed, inserted or reordered line (``seq`` out of order,
-    ``prev`` mismatch), and a torn or truncated last line (no newline). It cannot see
-    lines cut off the end at a line boundary, nor a chain rewritten from scratch: the
-    head hash kept elsewhere is for that (docs/audit.md).
+    ``prev`` mismatch), and a torn or truncated last line (no newline). On its own it
+    cannot see lines cut off the end at a line boundary, a deleted ledger, nor a chain
+    rewritten from scratch: with ``anchor``, the ``(seq, head)`` the job store kept
+    (:mod:`agent.audit.anchor`), a ledger with fewer entries, or another entry at that
+    ``seq``, fails too, and so does a missing file. The head shipped off-box
+    (docs/audit.md) covers a store lost with the ledger.
 
     Raises ``OSError`` when the file cannot be opened or read (``FileNotFoundError``
-    when there is no ledger yet).
+    when there is no ledger and no anchor says there should be one).
     """
-    prev, count = GENESIS, 0
-    with path.open("rb") as f:
+    prev, count, at = GENESIS, 0, None
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        if anchor is None or anchor[0] == 0:
+            raise
+        return VerifyResult(False, 0, 1, anchor_problem(anchor, 0, GENESIS, None))
+    with f:
         for number, line in enumerate(f, start=1):
             problem = _check(line, number, prev)
             if problem is not None:
                 return VerifyResult(False, count, number, problem)
             prev, count = line_hash(line), number
+            if anchor is not None and number == anchor[0]:
+                at = prev
+    if anchor is not None and (problem := anchor_problem(anchor, count, prev, at)) is not None:
+        first_bad = min(count + 1, anchor[0])
+        return VerifyResult(False, first_bad - 1, first_bad, problem)
     return VerifyResult(True, count, head=prev if count else None)
+
+
+def anchor_problem(anchored: tuple[int, str], seq: int, head: str, at: str | None) -> str | None:
+    """Why a ledger whose last entry is ``(seq, head)`` does not match ``anchored``, or
+    ``None`` when it does. ``at`` is the hash of the ledger's entry number
+    ``anchored[0]`` when the ledger has that many (``None`` otherwise)."""
+    a_seq, a_head = anchored
+    if a_seq == 0:
+        return None if a_head == GENESIS else "the job store's anchor is not a ledger head"
+    if seq < a_seq:
+        where = "is missing or empty" if seq == 0 else f"ends at entry {seq}"
+        return (
+            f"the ledger {where}, but the job store's anchor records {a_seq} entries "
+            f"(head {a_head}): the ledger was deleted, cut short or replaced"
+        )
+    if (head if seq == a_seq else at) != a_head:
+        return (
+            f"entry {a_seq} is not the one the job store's anchor records (head {a_head}): "
+            "the ledger was rewritten or replaced"
+        )
+    return None
 
 
 def _check(line: bytes, number: int, prev: str) -> str | None:

@@ -12,6 +12,17 @@ about a millisecond on an SSD, much more on a busy disk, and must not stall the 
 Processes: the file is held with an exclusive ``flock`` while open, so a second agent
 pointed at the same state directory fails to open it instead of forking the chain. The
 ``audit`` command only reads, and needs no lock.
+
+Loss: with an :class:`~agent.audit.anchor.Anchor` (the agent always passes the job
+store's), each append also saves ``(seq, head)`` there, and opening refuses a file that
+has fewer entries than the anchor or a different entry at the anchor's ``seq``. Before
+each append the writer checks that its descriptor is still the file at its path: a
+ledger deleted or replaced under a running agent makes every append raise
+:class:`AuditError` (and log ``audit_ledger_replaced``) rather than record egress in a
+file nobody will read. The caller must then not send: the uploader records before it
+sends. The writer never recreates the file itself; a restart finds the loss through
+the anchor and refuses to open until a person restores the ledger or starts a new one
+on purpose (``audit --reset-anchor``, docs/audit.md).
 """
 
 from __future__ import annotations
@@ -29,12 +40,21 @@ from typing import Any
 
 import structlog
 
-from agent.audit.chain import GENESIS, RESERVED, AuditError, encode, line_hash, parse
+from agent.audit.anchor import Anchor, hash_of_entry, last_newline
+from agent.audit.chain import (
+    GENESIS,
+    RESERVED,
+    AuditError,
+    anchor_problem,
+    encode,
+    line_hash,
+    parse,
+)
+from agent.errors import AgentError
 
 log = structlog.get_logger(__name__)
 
 FILENAME = "audit.jsonl"
-_CHUNK = 64 * 1024
 _KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # The config's rule for datastore names: a name can never be mistaken for a host path.
 _DATASTORE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -52,34 +72,26 @@ class AuditLedger:
     Opens the file, creating it with mode 0600 (an existing file is tightened to 0600),
     and recovers the last ``seq`` and line hash from its tail without reading the rest.
     Does not create the directory. Raises :class:`AuditError` when the file cannot be
-    opened, another process holds it, or its last complete line is not an entry (the
-    chain cannot be continued from it; ``audit --verify`` says more).
+    opened, another process holds it, its last complete line is not an entry (the
+    chain cannot be continued from it; ``audit --verify`` says more), or it does not
+    match ``anchor`` (it was deleted, cut short or replaced). With ``anchor``, an
+    anchor that lags the file (a crash between the two writes) is brought up to date;
+    the ledger owns ``anchor`` and closes it, also when it raises.
 
     The typed helpers are the API: each takes only names, digests, counts and the
     result-relative path of a file, never data and never a host path.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, anchor: Anchor | None = None) -> None:
         self.path = path
         self._lock = threading.Lock()
-        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        self._anchor = anchor
+        self._seq, self._prev, self._size = 0, GENESIS, 0  # set from the file by _open
         try:
-            fd = os.open(path, flags, 0o600)
-        except OSError as exc:
-            raise AuditError(f"cannot open audit ledger {path}: {exc.strerror}") from exc
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise AuditError(f"audit ledger {path} is held by another process") from exc
-            os.fchmod(fd, 0o600)
-            self._seq, self._prev, self._size = self._recover(fd)
-            _fsync_dir(path.parent)  # the file itself must survive a crash, not just its bytes
-        except OSError as exc:
-            os.close(fd)
-            raise AuditError(f"cannot open audit ledger {path}: {exc.strerror}") from exc
+            fd = self._open(path)
         except BaseException:
-            os.close(fd)
+            if anchor is not None:
+                anchor.close()
             raise
         self._fd: int | None = fd
 
@@ -129,7 +141,9 @@ class AuditLedger:
                 lines.append(line)
                 hashes.append(prev)
             data = b"".join(lines)
+            self._check_same_file(self._fd, seq)
             self._write(self._fd, data, seq)
+            self._save_anchor(self._fd, seq, prev)
             self._seq, self._prev, self._size = seq, prev, self._size + len(data)
             # Logged under the lock so that the log's order is the ledger's: the last
             # audit_entry shipped off-box is the head to check the file against.
@@ -212,6 +226,9 @@ class AuditLedger:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+            if self._anchor is not None:
+                self._anchor.close()
+                self._anchor = None
 
     def __enter__(self) -> AuditLedger:
         return self
@@ -239,17 +256,94 @@ class AuditLedger:
                 f"audit ledger {self.path}: entry {seq} not written: {exc.strerror}"
             ) from exc
 
+    def _open(self, path: Path) -> int:
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            raise AuditError(f"cannot open audit ledger {path}: {exc.strerror}") from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise AuditError(f"audit ledger {path} is held by another process") from exc
+            os.fchmod(fd, 0o600)
+            self._seq, self._prev, self._size = self._recover(fd)
+            _fsync_dir(path.parent)  # the file itself must survive a crash, not just its bytes
+            self._check_anchor(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise AuditError(f"cannot open audit ledger {path}: {exc.strerror}") from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check_same_file(self, fd: int, seq: int) -> None:
+        # Entries written to an unlinked or replaced file are lost to every reader, and
+        # the caller would send results whose record nobody can see.
+        mine = os.fstat(fd)
+        try:
+            there: os.stat_result | None = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            there = None
+        if there is None or (there.st_dev, there.st_ino) != (mine.st_dev, mine.st_ino):
+            what = "deleted" if there is None else "replaced"
+            log.error("audit_ledger_replaced", path=str(self.path), what=what, seq=seq)
+            raise AuditError(
+                f"audit ledger {self.path} was {what} while the agent had it open: entry "
+                f"{seq} not written, and nothing is recorded or sent until it is restored "
+                "and the agent restarted (docs/audit.md)"
+            )
+
+    def _save_anchor(self, fd: int, seq: int, head: str) -> None:
+        if self._anchor is None:
+            return
+        try:
+            self._anchor.save(seq, head)
+        except AgentError as exc:
+            # An entry the anchor does not cover is fine at the next open (the anchor
+            # may lag), but the caller is told it failed: take it back, all or nothing.
+            with suppress(OSError):
+                os.ftruncate(fd, self._size)
+                os.fsync(fd)
+            raise AuditError(
+                f"audit ledger {self.path}: entry {seq} not written: its anchor could not "
+                f"be saved ({exc})"
+            ) from exc
+
+    def _check_anchor(self, fd: int) -> None:
+        if self._anchor is None:
+            return
+        try:
+            anchored = self._anchor.load()
+            problem = None
+            if anchored is not None:
+                lagging = anchored[0] < self._seq  # a crash between file and anchor
+                at = hash_of_entry(fd, self._size, self._seq, anchored[0]) if lagging else None
+                problem = anchor_problem(anchored, self._seq, self._prev, at)
+            if problem is None and anchored != (self._seq, self._prev):
+                self._anchor.save(self._seq, self._prev)
+        except AgentError as exc:
+            raise AuditError(f"audit ledger {self.path}: its anchor cannot be read: {exc}") from exc
+        if problem is not None:
+            log.error("audit_ledger_lost", path=str(self.path), problem=problem)
+            raise AuditError(
+                f"audit ledger {self.path}: {problem}; restore the ledger, or start a new "
+                "one on purpose with `cloudbender-agent audit --reset-anchor` (docs/audit.md)"
+            )
+
     def _recover(self, fd: int) -> tuple[int, str, int]:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
-            keep = _last_newline(fd, size) + 1
+            keep = last_newline(fd, size) + 1
             log.warning("audit_torn_tail_truncated", path=str(self.path), dropped_bytes=size - keep)
             os.ftruncate(fd, keep)
             os.fsync(fd)
             size = keep
         if size == 0:
             return 0, GENESIS, 0
-        start = _last_newline(fd, size - 1) + 1
+        start = last_newline(fd, size - 1) + 1
         line = os.pread(fd, size - start, start)
         entry = parse(line)
         if entry is None:
@@ -266,17 +360,6 @@ def _check_sha256(name: str, value: str | None, *, optional: bool = False) -> No
         return
     if value is None or not _SHA256.fullmatch(value.removeprefix("sha256:")):
         raise ValueError(f"{name} {value!r} is not a sha256 hex digest")
-
-
-def _last_newline(fd: int, end: int) -> int:
-    """The offset of the last ``\\n`` before ``end``, or -1. Reads backwards in chunks."""
-    while end > 0:
-        start = max(0, end - _CHUNK)
-        at = os.pread(fd, end - start, start).rfind(b"\n")
-        if at >= 0:
-            return start + at
-        end = start
-    return -1
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -7,7 +7,8 @@ place a job changes state (:meth:`JobManager._transition`): the store first, the
 sends the current state of every job listed in ``hello.jobs``.
 
 Slots: a job holds one of ``limits.max_concurrent_jobs`` slots from acceptance until it
-ends; an assignment when every slot is held is rejected ``no_capacity``. A job with a
+ends; an assignment when every slot is held is rejected ``no_capacity``, and so is one
+while :func:`ack_backlog` ended jobs wait for their ``job.ack``. A job with a
 slot whose GPUs are leased to other jobs is ``waiting``. (PROTOCOL.md names both; this
 is how the agent reads them, documented in docs/control-plane.md.)
 """
@@ -32,11 +33,26 @@ from agent.jobs.model import ORDER, State, check_transition
 from agent.jobs.runner import JobRunner, Resume, RunnerContext
 from agent.jobs.store import JobRecord, JobStore
 from agent.jobs.uplink import Uplink
+from agent.loops import until_done
 from agent.protocol import messages as m
 from agent.protocol.session import PeerError
 from agent.runtime.base import ContainerState
 
 log = structlog.get_logger(__name__)
+
+# Ended jobs that may wait for their job.ack, per job slot, before new jobs are refused
+# no_capacity. Each is held in memory and in the store (and listed in every hello)
+# until acknowledged; without a bound a control plane that never acks grows both
+# without end. A CP that acks as it records ends never comes near it.
+ACK_BACKLOG_PER_SLOT = 4
+
+
+def ack_backlog(config: Config) -> int:
+    """How many ended, unacknowledged jobs this node holds at most before refusing more."""
+    return ACK_BACKLOG_PER_SLOT * config.limits.max_concurrent_jobs
+
+
+NOT_RECORDED = "job_end_not_recorded"
 
 
 class JobManager:
@@ -135,7 +151,15 @@ class JobManager:
             slots = config.limits.max_concurrent_jobs
             await self._reject(job_id, "no_capacity", f"all {slots} job slots are busy")
             return
+        waiting, backlog = self.unacknowledged_ended(), ack_backlog(config)
+        if waiting >= backlog:
+            await self._reject(
+                job_id, "no_capacity", f"{waiting} ended jobs wait for job.ack (at most {backlog})"
+            )
+            return
         now = time.time()
+        # What a restart needs to re-admit the job, and nothing more: never image.auth;
+        # unknown fields were dropped by the model, and 1.1's caps bound the rest.
         assignment = assign.model_dump(exclude={"image": {"auth"}}, exclude_none=True)
         record = JobRecord(job_id, State.ACCEPTED, assignment, created_at=now, updated_at=now)
         try:
@@ -225,7 +249,9 @@ class JobManager:
                 await self._remove(container)
                 await self._transition(record.job_id, State.FAILED, "agent_error", None)
             elif record.state is State.UPLOADING:
-                self._start(job, Resume(uploading=True))
+                # Its container exited 0 and is kept until the job ends (removed then).
+                container_id = container.id if container is not None else record.container_id
+                self._start(job, Resume(container_id=container_id, uploading=True))
             elif container is not None and container.status != "created":
                 log.info("job_readopted", job_id=record.job_id, container=container.id[:12])
                 self._start(job, Resume(container_id=container.id, gpus=record.gpu_uuids))
@@ -240,6 +266,18 @@ class JobManager:
                 continue  # assigned and created while the engine was being listed
             log.warning("container_reaped", job_id=container.job_id, container=container.id[:12])
             await self._remove(container)
+        await self._remove_stray_outputs()
+
+    async def _remove_stray_outputs(self) -> None:
+        """Remove the output of every job that has no runner: ended jobs whose clean-up
+        a restart interrupted, and jobs the store no longer knows."""
+        outputs = self._ctx.outputs
+        for job_id in await asyncio.to_thread(outputs.leftovers, set(self._runners)):
+            log.warning("output_reaped", job_id=m.printable(job_id))
+            try:
+                await asyncio.to_thread(outputs.remove, job_id)
+            except AgentError as exc:
+                log.error("output_remove_failed", job_id=m.printable(job_id), error=str(exc))
 
     def _readmit(self, record: JobRecord) -> Admitted | None:
         try:
@@ -285,10 +323,19 @@ class JobManager:
         if state.terminal:
             record.ended_at = now
             self.ended[(state.value, reason or "")] += 1
-        self._store.update(record)
+            # The end must reach the store, the ledger and the control plane whatever
+            # the disk does (a full disk once left a job unended for good): retry.
+            await until_done(lambda: self._store.update(record), NOT_RECORDED, job_id=job_id)
+            if self._audit is not None:
+                audit = self._audit
+                await until_done(
+                    lambda: audit.job_ended(job_id, state.value, reason, exit_code),
+                    NOT_RECORDED,
+                    job_id=job_id,
+                )
+        else:
+            self._store.update(record)
         self._changed()
-        if state.terminal and self._audit is not None:
-            self._audit.job_ended(job_id, state.value, reason, exit_code)
         log.info("job_state", job_id=job_id, state=state.value, reason=reason, exit_code=exit_code)
         await self._send_state(record)
 
@@ -312,6 +359,10 @@ class JobManager:
     def active(self) -> int:
         """Jobs holding a slot: accepted and not yet ended."""
         return sum(1 for r in self._records.values() if not r.state.terminal)
+
+    def unacknowledged_ended(self) -> int:
+        """Jobs that ended and wait for the control plane's ``job.ack``."""
+        return sum(1 for r in self._records.values() if r.state.terminal)
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Every unacknowledged job, for /status and ``cloudbender-agent jobs``."""

@@ -14,7 +14,6 @@ period, SIGKILL).
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,9 +32,11 @@ from agent.errors import (
     ImagePullFailed,
     WaitTimeout,
 )
+from agent.faults import crash_point
 from agent.jobs.admission import Admitted
 from agent.jobs.gpus import GpuLeases
 from agent.jobs.model import FAILURE_REASONS, State
+from agent.jobs.outputfs import OutputVolumes
 from agent.models.cache import ModelCache
 from agent.results.delivery import ResultDelivery
 from agent.runtime.base import ContainerSpec, ContainerState, Runtime
@@ -63,6 +64,7 @@ class Resume:
     container_id: str | None = None
     gpus: tuple[str, ...] = ()
     uploading: bool = False
+    exit_code: int | None = None
 
 
 class Signal:
@@ -91,7 +93,7 @@ class RunnerContext:
     leases: GpuLeases
     node_id: str
     job_user: str
-    jobs_dir: Path
+    outputs: OutputVolumes
     stop_grace_s: Callable[[], float]
     allow_pull: Callable[[], bool]
     gpu_inventory: Callable[[], Any]
@@ -112,13 +114,15 @@ class JobRunner:
         self.cancel_requested = asyncio.Event()
         self.container_id: str | None = None
         self.gpus: tuple[str, ...] = ()
+        # Set once the container has exited: every ending after that carries it.
+        self.exit_code: int | None = None
 
     @property
     def job_id(self) -> str:
         return self._job.job_id
 
     def output_dir(self) -> Path:
-        return self._ctx.jobs_dir / self.job_id / "output"
+        return self._ctx.outputs.mount_point(self.job_id)
 
     async def run(self, resume: Resume | None = None) -> None:
         """Drive the job to its terminal state. Never raises, but ``CancelledError``.
@@ -137,34 +141,44 @@ class JobRunner:
             reason = getattr(exc, "reason", None)
             reason = reason if reason in FAILURE_REASONS else "agent_error"
             log.error("job_failed", job_id=self.job_id, reason=reason, error=str(exc))
-            await self._end(State.FAILED, reason, None)
+            await self._end(State.FAILED, reason, self.exit_code)
         except asyncio.CancelledError:
             log.info("job_left_running", job_id=self.job_id, container=self.container_id)
             raise
         except Exception:
             log.exception("job_runner_crashed", job_id=self.job_id)
-            await self._end(State.FAILED, "agent_error", None)
+            await self._end(State.FAILED, "agent_error", self.exit_code)
 
     async def _end(self, state: State, reason: str, exit_code: int | None) -> None:
-        # Clean up first: when the control plane hears that a job ended, its container,
-        # GPUs and slot are free.
-        try:
-            await self._cleanup()
-        finally:
-            await self._transition(state, reason, exit_code)
+        # GPUs and the model first, so that when the control plane hears that the job
+        # ended they are free; then the end is recorded (the manager retries that until
+        # it is stored); only then are the container and the output removed.
+        self._release()
+        await self._transition(state, reason, exit_code)
+        await self._cleanup()
 
     async def _run(self, resume: Resume | None) -> None:
+        if resume is not None:
+            self.container_id = resume.container_id
         if resume is not None and resume.uploading:
+            # Only a container that exited 0 gets to uploading.
+            self.exit_code = 0 if resume.exit_code is None else resume.exit_code
             await self._upload()
         if resume is not None and resume.container_id is not None:
             # Re-adopted after an agent restart: the container is the engine's, still
             # running or already exited; carry on from waiting for its end.
-            self.container_id, self.gpus = resume.container_id, resume.gpus
+            self.gpus = resume.gpus
             self._ctx.leases.restore(self.job_id, self.gpus)
+            await asyncio.to_thread(self._ctx.outputs.ensure_mounted, self.job_id)
             await self._transition(State.RUNNING, None, None)
         else:
             await self._prepare_and_start()
         exited = await self._wait_for_exit()
+        self.exit_code = exited.exit_code
+        if await self._output_full():
+            # PROTOCOL.md §5: whatever the exit code, a job that filled its output
+            # ends result_too_large (it most likely failed because of the cap).
+            raise JobEnded(State.FAILED, "result_too_large", exited.exit_code)
         if exited.oom_killed:
             raise JobEnded(State.FAILED, "oom_killed", exited.exit_code)
         if exited.exit_code != 0:
@@ -177,7 +191,10 @@ class JobRunner:
         await self._transition(State.PREPARING, None, None)
         image_id = await self._until_cancelled(self._image())
         model_dir = await self._model()
-        output = await asyncio.to_thread(_prepare_output, self.output_dir(), self._ctx.job_user)
+        job = self._job
+        output = await asyncio.to_thread(
+            self._ctx.outputs.create, job.job_id, job.max_result_bytes, job.max_result_files
+        )
         spec = self._spec(image_id, model_dir, output)
         try:
             self.container_id = await asyncio.to_thread(self._ctx.runtime.create, spec)
@@ -196,12 +213,22 @@ class JobRunner:
         await self._audit_start(self.container_id)
 
     async def _upload(self) -> None:
-        results = self._ctx.results
-        manifest = await results.spool_output(
-            self.job_id, self.output_dir(), self._job.max_result_bytes, self._job.max_result_files
-        )
+        results, outputs = self._ctx.results, self._ctx.outputs
+        manifest = results.spool.load(self.job_id)
+        if manifest is None:
+            # Not spooled yet (or interrupted): the output must still be there, whole.
+            output = await asyncio.to_thread(outputs.ensure_mounted, self.job_id)
+            if output is None:
+                raise JobEnded(State.FAILED, "agent_error", self.exit_code)
+            manifest = await results.spool_output(
+                self.job_id, output, self._job.max_result_bytes, self._job.max_result_files
+            )
+        # The spool holds a durable, verified copy now; the output can go.
+        crash_point("spool.manifest_written")
+        await self._remove_output()
+        crash_point("spool.output_removed")
         await self._until_cancelled(results.deliver(manifest))
-        raise JobEnded(State.SUCCEEDED, "completed", 0)
+        raise JobEnded(State.SUCCEEDED, "completed", self.exit_code)
 
     # -- steps ----------------------------------------------------------------------------
 
@@ -306,6 +333,10 @@ class JobRunner:
             if loop.time() >= deadline:
                 state, reason = State.TIMED_OUT, "timeout"
                 break
+            if await self._output_full():
+                # Its writes fail already (ENOSPC); stop it rather than let it spin.
+                state, reason = State.FAILED, "result_too_large"
+                break
         log.info("job_stopping", job_id=self.job_id, why=reason)
         await asyncio.to_thread(self._ctx.runtime.stop, cid, self._ctx.stop_grace_s())
         while (exited := await loop.run_in_executor(None, self._wait_briefly, cid)) is None:
@@ -338,22 +369,31 @@ class JobRunner:
         if self.cancel_requested.is_set():
             raise JobEnded(State.CANCELLED, "cancel_requested")
 
-    async def _cleanup(self) -> None:
-        if self.container_id is not None:
-            try:
-                await asyncio.to_thread(self._ctx.runtime.remove, self.container_id)
-            except ContainerRuntimeError as exc:
-                log.error("container_remove_failed", job_id=self.job_id, error=str(exc))
+    def _release(self) -> None:
+        """Give back what only this process holds (GPUs, the model): safe before the
+        end is recorded, since a restart rebuilds both from the store and the engine."""
         if self._ctx.models is not None:
             self._ctx.models.release(self.job_id)
         self._ctx.leases.release(self.job_id)
         self._ctx.resources_changed.fire()
 
+    async def _cleanup(self) -> None:
+        """Remove the container and the output. Runs only after the end is recorded: a
+        kill before then finds both and judges the job again (never ``container_lost``
+        for a container that exited 0). Idempotent; logs what it cannot do."""
+        if self.container_id is not None:
+            try:
+                await asyncio.to_thread(self._ctx.runtime.remove, self.container_id)
+            except ContainerRuntimeError as exc:
+                log.error("container_remove_failed", job_id=self.job_id, error=str(exc))
+        await self._remove_output()
 
-def _prepare_output(path: Path, job_user: str) -> Path:
-    """The job's output directory, empty, owned by the job's user, mode 0700."""
-    uid, gid = (int(x) for x in job_user.split(":"))
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.mkdir(mode=0o700, exist_ok=True)
-    os.chown(path, uid, gid)
-    return path
+    async def _remove_output(self) -> None:
+        try:
+            await asyncio.to_thread(self._ctx.outputs.remove, self.job_id)
+        except AgentError as exc:
+            log.error("output_remove_failed", job_id=self.job_id, error=str(exc))
+
+    async def _output_full(self) -> bool:
+        usage = await asyncio.to_thread(self._ctx.outputs.usage, self.job_id)
+        return usage is not None and usage.full

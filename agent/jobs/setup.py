@@ -17,8 +17,9 @@ from agent.errors import ModelStorageError
 from agent.gpu.base import GpuInventory
 from agent.jobs.gpus import GpuLeases
 from agent.jobs.manager import JobManager
+from agent.jobs.outputfs import OutputVolumes
 from agent.jobs.runner import RunnerContext, Signal
-from agent.jobs.store import JobStore, StoreError
+from agent.jobs.store import AuditAnchor, JobStore, StoreError, store_path
 from agent.jobs.uplink import Uplink
 from agent.models.cache import ModelCache
 from agent.models.fetch import ArtifactFetcher
@@ -65,7 +66,8 @@ def build_jobs(
     )
     uplink = Uplink()
     try:
-        audit = AuditLedger(ledger_path(state_dir))
+        # The anchor in the job store makes a deleted or shortened ledger fail to open.
+        audit = AuditLedger(ledger_path(state_dir), AuditAnchor(store_path(state_dir)))
     except AuditError as exc:
         raise StoreError(f"audit ledger: {exc}") from exc
     spool = Spool(state_dir / "spool")
@@ -86,7 +88,7 @@ def build_jobs(
         leases=GpuLeases(),
         node_id=first.node.id,
         job_user=first.runtime.job_user,
-        jobs_dir=state_dir / "jobs",
+        outputs=OutputVolumes(state_dir / "jobs", first.runtime.job_user),
         stop_grace_s=lambda: float(config().runtime.stop_grace_s),
         allow_pull=lambda: config().runtime.pull,
         gpu_inventory=gpus,

@@ -69,6 +69,20 @@ class JobRecord:
         return out
 
 
+def _connect(path: Path, schema: str, *, check_same_thread: bool = True) -> sqlite3.Connection:
+    """The store's database in WAL mode with ``synchronous=FULL``, ``schema`` applied,
+    the file owner-only. Raises :class:`StoreError`."""
+    try:
+        db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=check_same_thread)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(schema)
+    except sqlite3.Error as exc:
+        raise StoreError(f"job store {path} cannot be opened: {exc}") from exc
+    path.chmod(0o600)
+    return db
+
+
 def _row(row: sqlite3.Row) -> JobRecord:
     return JobRecord(
         job_id=row["job_id"],
@@ -87,15 +101,8 @@ def _row(row: sqlite3.Row) -> JobRecord:
 
 class JobStore:
     def __init__(self, path: Path) -> None:
-        try:
-            self._db = sqlite3.connect(str(path), isolation_level=None)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
-        except sqlite3.Error as exc:
-            raise StoreError(f"job store {path} cannot be opened: {exc}") from exc
-        path.chmod(0o600)
+        self._db = _connect(path, SCHEMA)
+        self._db.row_factory = sqlite3.Row
 
     def close(self) -> None:
         self._db.close()
@@ -171,3 +178,100 @@ class JobStore:
         except sqlite3.Error:
             return False
         return True
+
+
+# The audit ledger's anchor (agent.audit.ledger): a table of its own, never touched by
+# JobStore, so that the jobs table's columns stay as they are.
+STORE_FILENAME = "jobs.db"
+_ANCHOR_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_anchor (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    seq        INTEGER NOT NULL,
+    head       TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+def store_path(state_dir: Path) -> Path:
+    """Where the job store of an agent with ``state_dir`` lives."""
+    return state_dir / STORE_FILENAME
+
+
+class AuditAnchor:
+    """The audit ledger's entry count and head hash, kept in the job store's database.
+
+    A ledger that was deleted, emptied, cut short or replaced still verifies on its own
+    (a shorter chain is a valid chain); compared with this anchor it does not. The
+    ledger calls :meth:`save` after each fsynced append, under its own lock, from
+    whichever thread appended: so this class has its own connection, usable from any
+    thread, and must only be used by one ledger. ``synchronous=FULL`` gives the save
+    the append's durability. Raises :class:`StoreError` when the database cannot be
+    opened or written.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._db = _connect(path, _ANCHOR_SCHEMA, check_same_thread=False)
+
+    def load(self) -> tuple[int, str] | None:
+        """``(seq, head)`` as last saved, or ``None`` when nothing was ever saved."""
+        try:
+            return _anchor_row(self._db)
+        except sqlite3.Error as exc:
+            raise StoreError(f"job store read failed: {exc}") from exc
+
+    def save(self, seq: int, head: str) -> None:
+        """Record the ledger's new head; durable when it returns."""
+        try:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "INSERT INTO audit_anchor (id, seq, head, updated_at) VALUES (1, ?, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET seq=excluded.seq, head=excluded.head, "
+                    "updated_at=excluded.updated_at",
+                    (seq, head, time.time()),
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"job store write failed: {exc}") from exc
+
+    def forget(self) -> tuple[int, str] | None:
+        """Delete the anchor (a person starting a new ledger on purpose); return it."""
+        before = self.load()
+        try:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("DELETE FROM audit_anchor")
+        except sqlite3.Error as exc:
+            raise StoreError(f"job store write failed: {exc}") from exc
+        return before
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def read_audit_anchor(path: Path) -> tuple[int, str] | None:
+    """The anchor in the store at ``path``, read-only (``audit --verify``).
+
+    ``None`` when there is no store or no anchor in it: the command must not create a
+    database. Raises :class:`StoreError` when the store exists but cannot be read.
+    """
+    if not path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise StoreError(f"job store {path} cannot be opened: {exc}") from exc
+    try:
+        exists = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='audit_anchor'"
+        ).fetchone()
+        return _anchor_row(db) if exists else None
+    except sqlite3.Error as exc:
+        raise StoreError(f"job store {path} cannot be read: {exc}") from exc
+    finally:
+        db.close()
+
+
+def _anchor_row(db: sqlite3.Connection) -> tuple[int, str] | None:
+    row = db.execute("SELECT seq, head FROM audit_anchor WHERE id = 1").fetchone()
+    return None if row is None else (int(row[0]), str(row[1]))

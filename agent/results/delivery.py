@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,7 +42,10 @@ class ResultDelivery:
     async def spool_output(
         self, job_id: str, output_dir: Path, max_bytes: int, max_files: int
     ) -> Manifest:
-        """Check and copy the output into the spool (or reuse a complete earlier copy)."""
+        """Check and copy the output into the spool (or reuse a complete earlier copy).
+
+        The output is left as it is: the caller removes it once this returns, when the
+        spool's copy and its manifest are durable."""
         manifest = self.spool.load(job_id)
         if manifest is not None:
             return manifest  # spooled before a restart: the output dir may be gone
@@ -55,8 +57,6 @@ class ResultDelivery:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFull(f"spool is full: {exc.strerror}") from exc
             raise AgentError(f"spooling results failed: {exc.strerror}") from exc
-        # The spool holds the verified copy now; the job's own directory can go.
-        await asyncio.to_thread(shutil.rmtree, output_dir.parent, True)
         log.info(
             "results_spooled", job_id=job_id, files=len(manifest.files), bytes=manifest.total_bytes
         )

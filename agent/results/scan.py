@@ -8,6 +8,21 @@ still refused. A symbolic link, device, FIFO or socket anywhere ends the job
 ``result_invalid``; totals over the limits end it ``result_too_large``; in either case
 nothing is copied or sent.
 
+Names: every name must be UTF-8, printable (``str.isprintable``: no C0 or C1 control,
+no DEL, no format character such as a bidi override or a zero-width joiner, no line
+separator, no space but U+0020, nothing unassigned) and without a backslash; else
+``result_invalid``. A name is shown to people (``cloudbender-agent audit``, logs, the
+control plane's views): ``ESC [1A ESC [2K`` in one would erase the line above it and
+print a forged one. A backslash is refused because the ledger and a Windows peer
+would read it as a separator. The refusal names the file with those characters
+escaped (:func:`agent.escaping.escape`).
+
+Cost: the job chooses how many names its output holds. Each directory's names are
+counted while they are read (files against ``max_files``, directories against as
+many again), and the walk stops at the first one over; only a directory that fits
+is sorted (the manifest is in path order). Memory is bounded by the budget, not by
+the directory.
+
 The whole tree is checked first, then each file is copied into the spool while being
 hashed, in one pass: what is sent later is exactly what was hashed, and the job's
 directory can no longer change it.
@@ -15,7 +30,6 @@ directory can no longer change it.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import stat
@@ -25,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import AgentError
+from agent.escaping import escape
+from agent.faults import crash_point
 
 COPY_BLOCK = 1024 * 1024
 MAX_DEPTH = 64
@@ -39,7 +55,8 @@ class ResultError(AgentError):
 
 
 class ResultInvalid(ResultError):
-    """A link, device, FIFO, socket or unusable name in the output."""
+    """A link, device, FIFO, socket or unusable name (not UTF-8, not printable, with a
+    backslash) in the output."""
 
 
 class ResultTooLarge(ResultError):
@@ -86,11 +103,19 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _check_name(name: str, where: str) -> None:
+def _check_name(name: str, prefix: tuple[str, ...]) -> None:
+    # Only surrogates fail to encode as UTF-8, and they are not printable: one test
+    # covers both in the common case.
+    if name.isprintable() and "\\" not in name:
+        return
+    where = escape("/".join((*prefix, name)))
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
         raise ResultInvalid(f"{where}: a name that is not UTF-8") from None
+    if "\\" in name:
+        raise ResultInvalid(f"{where}: a name with a backslash")
+    raise ResultInvalid(f"{where}: a name with a control or format character")
 
 
 @dataclass
@@ -103,29 +128,44 @@ class _Budget:
 def _walk(dir_fd: int, prefix: tuple[str, ...], found: list[_Found], budget: _Budget) -> None:
     if len(prefix) > MAX_DEPTH:
         raise ResultInvalid(f"{'/'.join(prefix)}: directories nested deeper than {MAX_DEPTH}")
-    with os.scandir(dir_fd) as entries:
-        names = sorted(entry.name for entry in entries)
-    for name in names:
+    for name in sorted(_names(dir_fd, prefix, budget)):
         parts = (*prefix, name)
-        rel = "/".join(parts)
-        _check_name(name, rel)
+        rel = "/".join(parts)  # printable: _names checked it
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
-            budget.dirs_left -= 1
-            if budget.dirs_left < 0:
-                raise ResultTooLarge("too many directories in the output")
             with _opened(name, _DIR_FLAGS, dir_fd) as sub:
                 _walk(sub, parts, found, budget)
         elif stat.S_ISREG(st.st_mode):
             found.append(_Found(rel, st.st_size, parts))
             budget.bytes_left -= st.st_size
-            budget.files_left -= 1
-            if budget.files_left < 0:
-                raise ResultTooLarge("more result files than allowed")
             if budget.bytes_left < 0:
                 raise ResultTooLarge("results larger than allowed")
         else:
             raise ResultInvalid(f"{rel} is {_kind(st.st_mode)}")
+
+
+def _names(dir_fd: int, prefix: tuple[str, ...], budget: _Budget) -> list[str]:
+    """The names in ``dir_fd``, each checked and counted as it is read.
+
+    A directory counts against ``dirs_left``, anything else against ``files_left``
+    (what is not a regular file is refused later anyway); the first name over either
+    raises :class:`ResultTooLarge`, so a directory of a million entries costs at most
+    the budget's worth of names. ``_walk`` stats each name again and trusts only that.
+    """
+    names: list[str] = []
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            _check_name(entry.name, prefix)
+            if entry.is_dir(follow_symlinks=False):
+                budget.dirs_left -= 1
+                if budget.dirs_left < 0:
+                    raise ResultTooLarge("too many directories in the output")
+            else:
+                budget.files_left -= 1
+                if budget.files_left < 0:
+                    raise ResultTooLarge("more result files than allowed")
+            names.append(entry.name)
+    return names
 
 
 def check_output(output_dir: Path, max_bytes: int, max_files: int) -> list[tuple[str, int]]:
@@ -148,38 +188,29 @@ def check_output(output_dir: Path, max_bytes: int, max_files: int) -> list[tuple
 def copy_into_spool(
     output_dir: Path, files: list[tuple[str, int]], spool_files: Path
 ) -> list[ResultFile]:
-    """Move (or, across file systems, copy) each checked file to ``spool_files/<index>``
-    and hash it there, where the job can no longer reach it.
+    """Copy each checked file to ``spool_files/<index>``, hashing it in the same pass:
+    what is sent later is exactly what was hashed, and the job can no longer change it.
 
-    A rename moves no data, so spooling costs one read (the hash) per file; the copy
-    fallback reads and writes once, hashing in the same pass. Raises
-    :class:`ResultInvalid` when a file is no longer the regular file of the size that
-    was checked.
+    The output is only read, never moved: until the caller has made the spool's manifest
+    durable, the output stays whole, so a crash at any point here loses nothing (a
+    restart spools it again). Raises :class:`ResultInvalid` when a file is no longer the
+    regular file of the size that was checked, ``OSError`` when the spool's disk fails.
     """
     spool_files.mkdir(mode=0o700, parents=True, exist_ok=True)
     view = memoryview(bytearray(COPY_BLOCK))
     out: list[ResultFile] = []
     for index, (rel, size) in enumerate(files):
-        dst = spool_files / str(index)
         parts = rel.split("/")
         try:
             parent = _open_parent(output_dir, parts)
         except OSError as exc:
             raise ResultInvalid(f"{rel} cannot be reached without a link: {exc.strerror}") from exc
         try:
-            st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-                raise ResultInvalid(f"{rel} changed after it was checked")
-            try:
-                os.rename(parts[-1], dst, src_dir_fd=parent)
-                digest = _hash_spooled(dst, size, rel, view)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise ResultInvalid(f"{rel} cannot be moved: {exc.strerror}") from exc
-                digest = _copy_hashing(parent, parts[-1], dst, size, rel, view)
+            digest = _copy_hashing(parent, parts[-1], spool_files / str(index), size, rel, view)
         finally:
             os.close(parent)
         out.append(ResultFile(index, rel, size, digest))
+        crash_point("spool.file_copied")
     return out
 
 
@@ -195,26 +226,6 @@ def _open_parent(output_dir: Path, parts: list[str]) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def _hash_spooled(path: Path, size: int, rel: str, view: memoryview) -> str:
-    fd = os.open(path, _FILE_FLAGS)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-            raise ResultInvalid(f"{rel} changed while it was spooled")
-        # The job's user owned it; in the spool it is root's alone.
-        os.fchown(fd, 0, 0)
-        os.fchmod(fd, 0o600)
-        digest, read = hashlib.sha256(), 0
-        while n := os.readv(fd, [view]):
-            digest.update(view[:n])
-            read += n
-    finally:
-        os.close(fd)
-    if read != size:
-        raise ResultInvalid(f"{rel} changed while it was spooled")
-    return digest.hexdigest()
 
 
 def _copy_hashing(parent: int, name: str, dst: Path, size: int, rel: str, view: memoryview) -> str:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.faults import crash_point
+from agent.fsutil import discard_tree, remove_tree
+from agent.paths import child
 from agent.results.scan import ResultFile, check_output, copy_into_spool
 
 
@@ -45,7 +47,8 @@ class Spool:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _dir(self, job_id: str) -> Path:
-        return self.root / job_id
+        # Raises UnsafeName for an id that is not one plain path component.
+        return child(self.root, job_id)
 
     def file_path(self, job_id: str, index: int) -> Path:
         return self._dir(job_id) / "files" / str(index)
@@ -60,10 +63,11 @@ class Spool:
         try:
             checked = check_output(output_dir, max_bytes, max_files)
             files = copy_into_spool(output_dir, checked, self._dir(job_id) / "files")
+            crash_point("spool.files_copied")
             manifest = Manifest(job_id, tuple(files))
             self._write_manifest(manifest)
         except BaseException:
-            self.remove(job_id)
+            discard_tree(self._dir(job_id), event="spool_cleanup_failed")
             raise
         return manifest
 
@@ -101,18 +105,22 @@ class Spool:
         (self._dir(job_id) / "delivered").touch(mode=0o600)
 
     def purge_delivered(self, retention_s: float, now: float | None = None) -> list[str]:
-        """Delete delivered entries older than ``retention_s``; return their job ids."""
+        """Delete delivered entries older than ``retention_s``; return their job ids.
+        An entry that cannot be deleted is logged and left for the next pass."""
         now = time.time() if now is None else now
         gone = []
         for entry in sorted(self.root.iterdir()):
             marker = entry / "delivered"
             try:
-                if now - marker.stat().st_mtime > retention_s:
-                    shutil.rmtree(entry)
-                    gone.append(entry.name)
-            except FileNotFoundError:
-                continue
+                if now - marker.stat().st_mtime <= retention_s:
+                    continue
+            except OSError:
+                continue  # not delivered (or not an entry)
+            if discard_tree(entry, event="spool_purge_failed"):
+                gone.append(entry.name)
         return gone
 
     def remove(self, job_id: str) -> None:
-        shutil.rmtree(self._dir(job_id), ignore_errors=True)
+        """Delete the job's spool entry. Idempotent; raises ``OSError`` when the disk
+        refuses (a half-deleted entry has no manifest and is redone)."""
+        remove_tree(self._dir(job_id))

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from agent.errors import AgentError
+from agent.faults import crash_point
 from agent.jobs.uplink import Uplink
 from agent.protocol import MAX_CHUNK_PAYLOAD
 from agent.protocol import messages as m
@@ -183,6 +184,7 @@ class _Attempt:
                 }
                 if not await self._up._uplink.send_binary(header, payload):
                     raise _SessionLost
+                crash_point("upload.chunk_sent")
                 offset += n
                 self._sent_to[file.index] = offset
                 self._unacked += n

@@ -214,7 +214,7 @@ def test_nonzero_exit(node: JobNode) -> None:
     end = node.wait_end("j-exit")
     assert (end["state"], end["reason"], end["exit_code"]) == ("failed", "exit_nonzero", 3)
     assert node.states("j-exit") == ["accepted", "preparing", "running", "failed"]
-    assert node.containers("j-exit") == []  # removed once ended
+    node.wait_gone("j-exit")  # removed once ended
 
 
 def test_oom_killed(node: JobNode) -> None:
@@ -232,7 +232,7 @@ def test_timeout(node: JobNode) -> None:
     node.assign("j-slow", "trap '' TERM; sleep 60", timeout_s=2)
     end = node.wait_end("j-slow", timeout=30)
     assert (end["state"], end["reason"]) == ("timed_out", "timeout")
-    assert node.containers("j-slow") == []
+    node.wait_gone("j-slow")
 
 
 def test_cancel_stops_the_container_within_the_grace_period(node: JobNode) -> None:
@@ -248,7 +248,7 @@ def test_cancel_stops_the_container_within_the_grace_period(node: JobNode) -> No
     deadline = time.monotonic() + seconds(10)
     while node.containers("j-cancel") and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert node.containers("j-cancel") == []
+    node.wait_gone("j-cancel")
     assert node.messages("result.manifest", "j-cancel") == []
     # Cancelling again, or an unknown job, changes nothing / is answered unknown_job.
     node.cp.send(node.node_id, {"type": "job.cancel", "job_id": "j-cancel"})

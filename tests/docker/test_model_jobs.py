@@ -71,7 +71,7 @@ def test_wrong_sha256_fails_model_checksum_mismatch(node: JobNode) -> None:
     node.assign("j-sum", READ_MODEL, model=wrong)
     end = node.wait_end("j-sum", timeout=60)
     assert (end["state"], end["reason"]) == ("failed", "model_checksum_mismatch")
-    assert node.containers("j-sum") == []
+    node.wait_gone("j-sum")
 
 
 def test_unsafe_archive_fails_model_unavailable(node: JobNode) -> None:
@@ -80,7 +80,7 @@ def test_unsafe_archive_fails_model_unavailable(node: JobNode) -> None:
     node.assign("j-unsafe", READ_MODEL, model=model_field("mdl-3", data))
     end = node.wait_end("j-unsafe", timeout=60)
     assert (end["state"], end["reason"]) == ("failed", "model_unavailable")
-    assert node.containers("j-unsafe") == []
+    node.wait_gone("j-unsafe")
 
 
 def test_unknown_artifact_fails_model_unavailable(node: JobNode) -> None:

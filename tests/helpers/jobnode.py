@@ -6,6 +6,7 @@ Jobs run on the real Docker engine with the local busybox test image.
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import docker.errors
 
 from agent.controlplane import ThreadedControlPlane
 from tests.helpers.env import seconds, valid_config, write_config
@@ -45,6 +47,20 @@ class JobNode:
         self.agent = self._stack.enter_context(
             running_agent(self.config_path, self.agent.port, self.tmp_path)
         )
+
+    def respawn(self, env: dict[str, str] | None = None, *, wait_exit: float = 60) -> int:
+        """Wait for the agent to exit by itself (a crash point's SIGKILL), SIGKILL it if
+        it does not within ``wait_exit`` s, then start it again with ``env``. Returns the
+        exit status of the old process (-9 for SIGKILL)."""
+        try:
+            code = self.agent.proc.wait(timeout=seconds(wait_exit))
+        except subprocess.TimeoutExpired:
+            self.agent.proc.kill()
+            code = self.agent.proc.wait(timeout=10)
+        self.agent = self._stack.enter_context(
+            running_agent(self.config_path, self.agent.port, self.tmp_path, env=env)
+        )
+        return code
 
     def assign(self, job_id: str, script: str | None = None, **fields: Any) -> None:
         message: dict[str, Any] = {
@@ -100,7 +116,25 @@ class JobNode:
         labels = [f"cloudbender.node-id={self.node_id}"]
         if job_id is not None:
             labels.append(f"cloudbender.job-id={job_id}")
-        return list(self.docker.containers.list(all=True, filters={"label": labels}))
+        for _ in range(20):
+            try:
+                return list(self.docker.containers.list(all=True, filters={"label": labels}))
+            except docker.errors.NotFound:
+                continue  # one was removed between the listing and its inspection
+        raise AssertionError("the container list kept changing")
+
+    def wait_gone(self, job_id: str, timeout: float = 5) -> None:
+        """Until no container of ``job_id`` is left: a job's container is removed just
+        after its end is recorded and sent, so a few seconds after ``wait_end``."""
+        deadline = time.monotonic() + seconds(timeout)
+        while self.containers(job_id):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the container of {job_id} is still there")
+            time.sleep(0.05)
+        while self.output_dir(job_id).parent.exists():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the output of {job_id} is still there")
+            time.sleep(0.05)
 
     def wait_container(self, job_id: str, status: str = "running", timeout: float = 30) -> Any:
         deadline = time.monotonic() + seconds(timeout)
@@ -122,9 +156,15 @@ class JobNode:
 
 @contextlib.contextmanager
 def job_node(
-    tmp_path: Path, client: docker.DockerClient, *, heartbeat_s: float = 15, **overrides: Any
+    tmp_path: Path,
+    client: docker.DockerClient,
+    *,
+    heartbeat_s: float = 15,
+    agent_env: dict[str, str] | None = None,
+    **overrides: Any,
 ) -> Iterator[JobNode]:
-    """Start a control plane and an agent whose config ``overrides`` may amend per section."""
+    """Start a control plane and an agent whose config ``overrides`` may amend per section
+    (``agent_env``: extra environment for the first agent process)."""
     node_id = f"jobs-{uuid.uuid4().hex[:10]}"
     cp = ThreadedControlPlane(tokens={TOKEN: node_id}, heartbeat_s=heartbeat_s)
     cp.start()
@@ -147,7 +187,7 @@ def job_node(
     config_path = write_config(tmp_path, config)
     try:
         with contextlib.ExitStack() as stack:
-            agent = stack.enter_context(running_agent(config_path, port, tmp_path))
+            agent = stack.enter_context(running_agent(config_path, port, tmp_path, env=agent_env))
             cp.wait_for_node(node_id, timeout=seconds(20))
             yield JobNode(
                 cp,
@@ -162,7 +202,32 @@ def job_node(
             )
     finally:
         cp.stop()
-        for container in client.containers.list(
-            all=True, filters={"label": f"cloudbender.node-id={node_id}"}
-        ):
-            container.remove(force=True)
+        try:
+            for container in client.containers.list(
+                all=True, filters={"label": f"cloudbender.node-id={node_id}"}
+            ):
+                # The agent may be removing it at this very moment (409, then 404).
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                    container.remove(force=True)
+        finally:
+            unmount_under(tmp_path)
+
+
+def mounts_under(root: Path) -> list[Path]:
+    """Mount points at or below ``root`` (job outputs an agent left mounted)."""
+    found = []
+    prefix = str(root.resolve())
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            # Field 5 is the mount point, with spaces and the like octal-escaped.
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == prefix or point.startswith(prefix + "/"):
+                found.append(Path(point))
+    return found
+
+
+def unmount_under(root: Path) -> None:
+    """Detach every mount below ``root``, deepest first: a test that killed its agent
+    must not leave loop devices behind."""
+    for point in sorted(mounts_under(root), key=lambda p: len(p.parts), reverse=True):
+        subprocess.run(["umount", "--lazy", str(point)], check=False, capture_output=True)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.audit import AuditLedger, ledger_path
+from agent.audit import AuditError, AuditLedger, ledger_path
+from agent.jobs.store import AuditAnchor, JobStore, store_path
 from tests.helpers.env import valid_config, write_config
 from tests.helpers.proc import agent_command
 from tests.unit.test_audit import one_job
@@ -136,3 +137,81 @@ def test_an_invalid_config_exits_78(tmp_path: Path) -> None:
     bad.write_text("state_dir: [1, 2]\nnope: true\n")
     proc = _audit(bad, "--verify")
     assert proc.returncode == 78
+
+
+def _anchored(state: Path) -> AuditLedger:
+    JobStore(store_path(state)).close()  # the agent's job store, as the daemon opens it
+    return AuditLedger(ledger_path(state), AuditAnchor(store_path(state)))
+
+
+def test_an_escape_sequence_in_a_name_cannot_forge_a_line(config: Path, tmp_path: Path) -> None:
+    """Attack: a result file named `ESC[1A ESC[2K` plus a forged egress line, and an image
+    ref of the same kind: `cloudbender-agent audit` printed them raw, so the terminal
+    erased the real line above and showed the forged one. No raw ESC reaches stdout."""
+    csi = "\x1b[1A\x1b[2K"
+    with AuditLedger(ledger_path(tmp_path / "state")) as writer:
+        writer.job_assigned("job-1", f"busybox{csi}", None, None, "vitals")
+        writer.result_file_sent("job-1", "secret-data.csv", 9_000_000, "1" * 64)
+        writer.result_file_sent("job-1", f"x{csi}#2  result_file_sent job-1  ok.csv", 1, "2" * 64)
+    proc = subprocess.run(
+        [*agent_command(), "audit", "--config", str(config)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert b"\x1b" not in proc.stdout and b"\x9b" not in proc.stdout
+    lines = proc.stdout.decode().splitlines()
+    assert len(lines) == 3 and "secret-data.csv 9000000 bytes" in lines[1]
+    assert "x\\x1b[1A\\x1b[2K#2" in lines[2] and "busybox\\x1b[1A\\x1b[2K" in lines[0]
+    as_json = _audit(config, "--json")  # scripts get the exact value back
+    assert json.loads(as_json.stdout.splitlines()[2])["path"].startswith(f"x{csi}")
+
+
+def test_verify_fails_for_a_deleted_ledger_the_store_knew(config: Path, tmp_path: Path) -> None:
+    """Attack: job id `..` emptied the state directory; after a restart `audit --verify`
+    said "OK: 0 entries". With the job store's anchor it fails and says why."""
+    state = tmp_path / "state"
+    with _anchored(state) as writer:
+        one_job(writer, "job-1")
+    ledger_path(state).unlink()
+    proc = _audit(config, "--verify")
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("FAILED: the ledger is missing or empty")
+    assert (
+        "records 7 entries" in proc.stdout and f"audit ledger {ledger_path(state)}" in proc.stderr
+    )
+
+
+def test_verify_fails_for_a_ledger_cut_short_at_a_line(config: Path, tmp_path: Path) -> None:
+    """Attack: whole lines cut off the end leave a valid, shorter chain."""
+    state = tmp_path / "state"
+    with _anchored(state) as writer:
+        one_job(writer, "job-1")
+        one_job(writer, "job-2")
+    lines = ledger_path(state).read_bytes().splitlines(keepends=True)
+    ledger_path(state).write_bytes(b"".join(lines[:9]))
+    proc = _audit(config, "--verify", "--json")
+    assert proc.returncode == 1
+    document = json.loads(proc.stdout)
+    assert (document["ok"], document["entries"], document["first_bad_line"]) == (False, 9, 10)
+    assert "ends at entry 9" in document["problem"] and "14 entries" in document["problem"]
+
+
+def test_reset_anchor_lets_a_new_ledger_start_on_purpose(config: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with _anchored(state) as writer:
+        one_job(writer, "job-1")
+    ledger_path(state).unlink()
+    with pytest.raises(AuditError, match="missing or empty"):
+        _anchored(state)
+    with AuditLedger(ledger_path(state)):  # a running agent holds the ledger
+        held = _audit(config, "--reset-anchor")
+    assert held.returncode == 1 and "held by another process" in held.stderr
+    proc = _audit(config, "--reset-anchor")
+    assert proc.returncode == 0, proc.stderr
+    assert "had recorded 7 entries" in proc.stdout
+    with _anchored(state) as writer:
+        assert writer.head[0] == 0
+        one_job(writer, "job-2")
+    assert _audit(config, "--verify").stdout.startswith("OK: 7 entries")

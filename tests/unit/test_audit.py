@@ -336,3 +336,19 @@ def test_the_rendered_line_shows_the_key_facts(path: Path, full: list[bytes]) ->
     assert all(line[:20].endswith("Z") and line[10] == "T" for line in lines)
     other = render_entry({"seq": 1, "ts": 0.0, "kind": "note", "job_id": None, "text": "hi"})
     assert other.startswith("1970-01-01T00:00:00Z") and 'text="hi"' in other
+
+
+def test_a_result_name_or_image_ref_cannot_move_the_cursor_in_the_view(path: Path) -> None:
+    """Attack: a result file named `x ESC[1A ESC[2K forged` (and an image ref with the same)
+    erased the egress line above it in `cloudbender-agent audit` and printed a forged
+    one. The view escapes every control character; the chain keeps the bytes."""
+    csi = "\x1b[1A\x1b[2K"
+    with AuditLedger(path) as ledger:
+        ledger.job_assigned("job-1", f"evil{csi}registry/ok:1", None, None, None)
+        ledger.result_file_sent("job-1", f"a.csv{csi}#3 result_file_sent nothing", 1, "0" * 64)
+        ledger.job_ended("job-1\u202e", "failed", f"reason\n{csi}", None)
+    lines = [render_entry(e) for e in read(path)]
+    assert all(line.isprintable() for line in lines), lines
+    assert "\\x1b[1A\\x1b[2K" in lines[0] and "\\x1b[1A\\x1b[2K" in lines[1]
+    assert "job-1\\u202e" in lines[2] and "reason\\n" in lines[2]
+    assert next(read(path))["image_ref"] == f"evil{csi}registry/ok:1"  # recorded as it was

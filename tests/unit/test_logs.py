@@ -74,3 +74,25 @@ def test_throttle_admits_a_few_per_window_and_counts_the_rest() -> None:
         throttle.admit("a")
     assert throttle.drain() == {"a": 2}
     assert throttle.drain() == {}
+
+
+def test_console_lines_escape_control_characters_from_peers() -> None:
+    """Attack: a peer's string in a log value (a result name, a job id, a close reason)
+    with `ESC[1A ESC[2K` or a newline rewrote the operator's terminal or forged a log
+    line; console logs printed it raw (JSON lines were already escaped)."""
+    csi = "\x1b[1A\x1b[2K"
+    stream = io.StringIO()
+    logs.configure("info", "console", stream=stream)
+    log = structlog.get_logger("t")
+    log.info("job_failed", job_id=f"j{csi}", error=f"bad name\n{csi}forged_line ok=1")
+    try:
+        raise ValueError(f"peer said {csi}")
+    except ValueError:
+        log.exception("crashed")
+    logging.getLogger("websockets.client").warning("reason %s", f"bye{csi}\u202e")
+    text = stream.getvalue()
+    assert "\x1b" not in text and "\u202e" not in text, text
+    assert "j\\x1b[1A\\x1b[2K" in text and "bad name\\n" in text
+    assert "Traceback (most recent call last):\n" in text  # tracebacks keep their lines
+    assert "bye\\x1b[1A\\x1b[2K\\u202e" in text
+    assert not any(line.startswith("forged_line") for line in text.splitlines())

@@ -6,7 +6,9 @@ import hashlib
 import os
 import socket
 import stat
+import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ def out(tmp_path: Path) -> Path:
     return path
 
 
-def test_nested_files_are_moved_into_the_spool_and_hashed(tmp_path: Path, out: Path) -> None:
+def test_nested_files_are_copied_into_the_spool_and_hashed(tmp_path: Path, out: Path) -> None:
     (out / "b" / "c").mkdir(parents=True)
     (out / "scores.csv").write_bytes(b"1,2,3\n")
     (out / "b" / "c" / "deep.bin").write_bytes(os.urandom(3_000_000))
@@ -43,7 +45,9 @@ def test_nested_files_are_moved_into_the_spool_and_hashed(tmp_path: Path, out: P
     assert manifest.total_bytes == 3_000_006
     assert spool.load("j-1") == manifest
     assert stat.S_IMODE(spool.file_path("j-1", 0).stat().st_mode) == 0o600
-    assert not (out / "scores.csv").exists()  # moved: the job's directory keeps no copy
+    # Copied, never moved: the output stays whole until the caller removes it, once the
+    # manifest is durable (a crash before then must lose nothing).
+    assert {p: (out / p).read_bytes() for p in originals} == originals
 
 
 def test_empty_output(tmp_path: Path, out: Path) -> None:
@@ -122,7 +126,7 @@ def test_a_file_swapped_for_a_link_after_the_check_is_refused(tmp_path: Path, ou
     checked = check_output(out, BIG, 100)
     (out / "a").unlink()
     (out / "a").symlink_to("/etc/passwd")
-    with pytest.raises(ResultInvalid, match="changed after it was checked"):
+    with pytest.raises(ResultInvalid, match="cannot be opened as a regular file"):
         copy_into_spool(out, checked, tmp_path / "spool-files")
     assert not (tmp_path / "spool-files" / "0").exists()
 
@@ -149,3 +153,72 @@ def test_delivered_results_are_deleted_after_retention(tmp_path: Path, out: Path
     assert spool.purge_delivered(retention_s=3600, now=now + 3601) == ["j-old"]
     assert spool.load("j-old") is None
     assert spool.load("j-pending") is not None
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "scores.csv\x1b[1A\x1b[2Kforged.csv",  # cursor up, erase line: rewrites the audit view
+        "report\u202etxt.exe",  # right-to-left override: shows as report-exe.txt
+        "two\nlines",  # a forged second line in a log or the audit view
+        "del\x7f",
+        "c1\x9b2K",  # 8-bit CSI, the one-byte form of ESC [
+        "zero\u200bwidth",
+        "back\\slash",  # the ledger refuses it as a path separator
+    ],
+)
+def test_a_name_that_could_rewrite_a_terminal_is_refused(out: Path, name: str) -> None:
+    """Attack: a job names a result file with ESC[1A ESC[2K (or a bidi override, a
+    newline, a C1 CSI) so that `cloudbender-agent audit` erases the real egress line and
+    shows a forged one. The gate refuses the name; the refusal shows it escaped."""
+    (out / "sub").mkdir()
+    (out / "sub" / name).write_bytes(b"x")
+    with pytest.raises(ResultInvalid, match=r"^sub/") as caught:
+        check_output(out, BIG, 100)
+    message = str(caught.value)
+    assert message.isprintable(), message
+    assert name not in message
+
+
+def test_a_printable_unicode_name_is_kept(out: Path) -> None:
+    (out / "résultats-été.csv").write_bytes(b"x")
+    assert check_output(out, BIG, 100) == [("résultats-été.csv", 1)]
+
+
+def test_a_huge_directory_is_refused_without_reading_it_all(out: Path) -> None:
+    """Attack: a job writes a directory of 100,000 empty files; the gate used to read and
+    sort every name before counting (one million took the agent from 53 to 327 MiB). It
+    must stop at the budget: its memory stays that of a few names (the names alone
+    weigh about 15 MiB), not of the directory."""
+    # tmpfs when there is one: creating 100,000 files on a busy disk takes a minute.
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else out) as where:
+        huge = Path(where) / "output"
+        huge.mkdir()
+        pad = "x" * 100
+        for i in range(100_000):
+            os.close(os.open(huge / f"{i:08d}{pad}", os.O_CREAT | os.O_WRONLY, 0o600))
+        tracemalloc.start()
+        try:
+            with pytest.raises(ResultTooLarge, match="more result files than allowed"):
+                check_output(huge, BIG, 10)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 5 * 1024 * 1024, f"peak {peak / 1024 / 1024:.1f} MiB"
+
+
+def test_many_directories_are_refused_at_the_budget(out: Path) -> None:
+    """Attack: empty directories cost a walk too; 50 of them with max_files=10 must be
+    refused, not walked."""
+    for i in range(50):
+        (out / f"d{i}").mkdir()
+    with pytest.raises(ResultTooLarge, match="too many directories"):
+        check_output(out, BIG, 10)
+
+
+def test_the_manifest_stays_in_path_order_across_directories(out: Path) -> None:
+    for rel in ("b/2", "a", "b/1", "c/z/9", "B"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(b"")
+    assert [p for p, _ in check_output(out, BIG, 10)] == ["B", "a", "b/1", "b/2", "c/z/9"]
