@@ -43,6 +43,7 @@ import docker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agent.controlplane.errors import NodeNotConnected
 from agent.faults import ENV
 from tests.helpers.jobnode import TERMINAL, JobNode, job_node
 from tests.helpers.proc import agent_command
@@ -71,6 +72,7 @@ class Soak:
         self.rng = random.Random(args.seed)
         self.assigned: list[str] = []
         self.ends: dict[str, dict[str, Any]] = {}
+        self.unacked: set[str] = set()
         self.faults: collections.Counter[str] = collections.Counter()
 
     def log(self, text: str) -> None:
@@ -90,6 +92,7 @@ class Soak:
         while time.monotonic() < deadline:
             if self.node.agent.proc.poll() is not None:
                 self.log("agent: died at its crash point; started again")
+                self.faults["agent_died_at_point"] += 1
                 self.node.respawn()
             self.collect()
             now = time.monotonic() - self.t0
@@ -110,13 +113,22 @@ class Soak:
 
     def assign(self) -> None:
         job_id = f"soak-{len(self.assigned):03d}"
-        self.node.assign(job_id, job_script(self.rng), timeout_s=300)
+        try:
+            self.node.assign(job_id, job_script(self.rng), timeout_s=300)
+        except NodeNotConnected:
+            return  # the agent is (re)connecting: try again on the next round
         self.assigned.append(job_id)
 
     def collect(self) -> None:
         cp = self.node.cp
         if not cp.running:
             return
+        for job_id in sorted(self.unacked):
+            try:
+                cp.ack(self.node.node_id, job_id)
+                self.unacked.discard(job_id)
+            except NodeNotConnected:
+                break  # acked after the next session opens
         for job_id in self.assigned:
             if job_id in self.ends:
                 continue
@@ -124,7 +136,7 @@ class Soak:
             end = next((s for s in states if s.get("state") in TERMINAL), None)
             if end is not None:
                 self.ends[job_id] = end
-                cp.ack(self.node.node_id, job_id)
+                self.unacked.add(job_id)
             elif rejected := self.node.messages("job.rejected", job_id):
                 self.ends[job_id] = {"state": "rejected", "reason": rejected[0].get("code")}
 

@@ -245,9 +245,11 @@ class JobManager:
                 continue
             container = by_job.pop(record.job_id, None)
             job = self._readmit(record)
+            # Each ending is recorded before its container goes: a kill in between then
+            # finds the container again, never a job that ended with nothing recorded.
             if job is None:
-                await self._remove(container)
                 await self._transition(record.job_id, State.FAILED, "agent_error", None)
+                await self._remove(container)
             elif record.state is State.UPLOADING:
                 # Its container exited 0 and is kept until the job ends (removed then).
                 container_id = container.id if container is not None else record.container_id
@@ -256,8 +258,8 @@ class JobManager:
                 log.info("job_readopted", job_id=record.job_id, container=container.id[:12])
                 self._start(job, Resume(container_id=container.id, gpus=record.gpu_uuids))
             elif record.state is State.RUNNING:
-                await self._remove(container)
                 await self._transition(record.job_id, State.FAILED, "container_lost", None)
+                await self._remove(container)
             else:  # never started: start again from the top
                 await self._remove(container)
                 self._start(job)

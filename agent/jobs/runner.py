@@ -64,7 +64,6 @@ class Resume:
     container_id: str | None = None
     gpus: tuple[str, ...] = ()
     uploading: bool = False
-    exit_code: int | None = None
 
 
 class Signal:
@@ -134,7 +133,8 @@ class JobRunner:
         try:
             await self._run(resume)
         except JobEnded as end:
-            await self._end(end.state, end.reason, end.exit_code)
+            exit_code = end.exit_code if end.exit_code is not None else self.exit_code
+            await self._end(end.state, end.reason, exit_code)
         except AgentError as exc:
             # Errors that know their PROTOCOL.md failure reason carry it as ``reason``
             # (model, result, spool and upload errors); anything else is agent_error.
@@ -161,8 +161,7 @@ class JobRunner:
         if resume is not None:
             self.container_id = resume.container_id
         if resume is not None and resume.uploading:
-            # Only a container that exited 0 gets to uploading.
-            self.exit_code = 0 if resume.exit_code is None else resume.exit_code
+            self.exit_code = 0  # only a container that exited 0 gets to uploading
             await self._upload()
         if resume is not None and resume.container_id is not None:
             # Re-adopted after an agent restart: the container is the engine's, still

@@ -116,12 +116,7 @@ class JobNode:
         labels = [f"cloudbender.node-id={self.node_id}"]
         if job_id is not None:
             labels.append(f"cloudbender.job-id={job_id}")
-        for _ in range(20):
-            try:
-                return list(self.docker.containers.list(all=True, filters={"label": labels}))
-            except docker.errors.NotFound:
-                continue  # one was removed between the listing and its inspection
-        raise AssertionError("the container list kept changing")
+        return list_containers(self.docker, labels)
 
     def wait_gone(self, job_id: str, timeout: float = 5) -> None:
         """Until no container of ``job_id`` is left: a job's container is removed just
@@ -203,14 +198,24 @@ def job_node(
     finally:
         cp.stop()
         try:
-            for container in client.containers.list(
-                all=True, filters={"label": f"cloudbender.node-id={node_id}"}
-            ):
+            for container in list_containers(client, [f"cloudbender.node-id={node_id}"]):
                 # The agent may be removing it at this very moment (409, then 404).
                 with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                     container.remove(force=True)
         finally:
             unmount_under(tmp_path)
+
+
+def list_containers(client: docker.DockerClient, labels: list[str]) -> list[Any]:
+    """Every container with all of ``labels``. The SDK inspects each listed container;
+    one that the agent removes in between (it removes a job's container just after the
+    job's end is sent) makes that fail with 404, so the listing is simply taken again."""
+    for _ in range(50):
+        try:
+            return list(client.containers.list(all=True, filters={"label": labels}))
+        except docker.errors.NotFound:
+            continue
+    raise AssertionError("the container list kept changing")
 
 
 def mounts_under(root: Path) -> list[Path]:
