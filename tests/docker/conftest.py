@@ -16,7 +16,7 @@ from typing import Any
 
 import docker
 import pytest
-from docker.errors import DockerException, ImageNotFound
+from docker.errors import DockerException, ImageNotFound, NotFound
 
 from agent.runtime.base import ContainerSpec
 from agent.runtime.docker import DockerRuntime
@@ -142,8 +142,19 @@ def bridge_gateway(client: docker.DockerClient) -> str:
     config, without ``Gateway``; the gateway is then the subnet's first host address, as
     dockerd assigns it to ``docker0``.
     """
-    config = client.networks.get("bridge").attrs["IPAM"]["Config"][0]
-    gateway = config.get("Gateway")
+    try:
+        configs = client.networks.get("bridge").attrs["IPAM"]["Config"] or []
+    except NotFound:
+        configs = []
+    ipv4 = [c for c in configs if ":" not in str(c.get("Subnet", ":"))]
+    if not ipv4:
+        pytest.fail(
+            "the Docker engine has no default bridge network with an IPv4 subnet "
+            "(dockerd started with --bridge=none?); the egress tests need one to prove a "
+            "job cannot reach the host through it",
+            pytrace=False,
+        )
+    gateway = ipv4[0].get("Gateway")
     if gateway:
         return str(gateway)
-    return str(next(ipaddress.ip_network(config["Subnet"], strict=False).hosts()))
+    return str(next(ipaddress.ip_network(ipv4[0]["Subnet"], strict=False).hosts()))
