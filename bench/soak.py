@@ -32,7 +32,6 @@ import collections
 import hashlib
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent.controlplane.errors import NodeNotConnected
 from agent.faults import ENV
 from tests.helpers.jobnode import TERMINAL, JobNode, job_node
-from tests.helpers.proc import agent_command
 
 CRASH_POINTS = ["spool.file_copied:{n}", "spool.files_copied", "upload.chunk_sent:{n}"]
 
@@ -215,13 +213,7 @@ def report(soak: Soak) -> int:
     left = node.containers()
     ended_left = [c for c in left if c.labels.get("cloudbender.job-id") in soak.ends]
     outputs_left = sorted(p.name for p in (node.state_dir / "jobs").glob("*"))
-    verify = subprocess.run(
-        [*agent_command(), "audit", "--verify", "--config", str(node.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    verify = node.audit_verify()
     cp_node = node.cp.node(node.node_id)
     violations = list(cp_node.violations) if cp_node is not None else ["no node at the CP"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import docker
 import pytest
 
 from tests.helpers.jobnode import IMAGE, JobNode, job_node
-from tests.helpers.proc import agent_command
 from tests.unit.test_peer_paths import snapshot
 
 pytestmark = pytest.mark.docker
@@ -58,13 +56,7 @@ def test_a_job_id_that_is_a_path_cannot_touch_the_state_directory(
 
     node.assign("j-after", "echo 2 > /opt/output/two.txt")
     assert node.wait_end("j-after")["state"] == "succeeded"
-    verify = subprocess.run(
-        [*agent_command(), "audit", "--verify", "--config", str(node.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    verify = node.audit_verify()
     assert verify.returncode == 0, verify.stdout + verify.stderr
     entries = [json.loads(x) for x in (node.state_dir / "audit.jsonl").read_text().splitlines()]
     assert {"j-before", "j-after"} <= {e.get("job_id") for e in entries}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import docker
 import pytest
 
 from tests.helpers.jobnode import JobNode, job_node
-from tests.helpers.proc import agent_command
 
 pytestmark = pytest.mark.docker
 MIB = 1024 * 1024
@@ -173,14 +171,7 @@ def test_audit_ledger_records_the_job_and_detects_tampering(node: JobNode) -> No
     assert mine[1]["isolation"]  # the settings read back from the engine
     assert mine[-1]["state"] == "succeeded"
 
-    def verify() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*agent_command(), "audit", "--verify", "--config", str(node.config_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+    verify = node.audit_verify
 
     assert verify().returncode == 0
     node.agent.stop()  # the ledger is the daemon's; tamper with it only once it is closed

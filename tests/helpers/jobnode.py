@@ -19,7 +19,7 @@ import docker.errors
 
 from agent.controlplane import ThreadedControlPlane
 from tests.helpers.env import seconds, valid_config, write_config
-from tests.helpers.proc import AgentProcess, running_agent
+from tests.helpers.proc import AgentProcess, agent_command, running_agent
 
 TOKEN = "s3cr3t-token-for-tests-0123456789"
 IMAGE = "cloudbender-test/busybox:latest"
@@ -46,6 +46,16 @@ class JobNode:
             between()
         self.agent = self._stack.enter_context(
             running_agent(self.config_path, self.agent.port, self.tmp_path)
+        )
+
+    def audit_verify(self) -> subprocess.CompletedProcess[str]:
+        """``cloudbender-agent audit --verify`` on this node's config, as a person runs it."""
+        return subprocess.run(
+            [*agent_command(), "audit", "--verify", "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=seconds(120),
+            check=False,
         )
 
     def respawn(self, env: dict[str, str] | None = None, *, wait_exit: float = 60) -> int:
