@@ -33,6 +33,7 @@ def test_standalone_server_welcomes_and_stops_on_sigterm(tmp_path: Path) -> None
     port = free_port()
     command = [sys.executable, "-m", "agent.controlplane", "--port", str(port)]
     command += ["--token-file", str(tokens), "--heartbeat-s", "2", "--log-format", "json"]
+    command += ["--control", str(tmp_path / "cp.sock")]  # not ./, shared by concurrent runs
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
