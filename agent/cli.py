@@ -73,6 +73,25 @@ def _parser() -> argparse.ArgumentParser:
         help="forget the job store's record of the ledger's head, so that the agent starts "
         "a new ledger after one was lost (stop the agent first; see docs/audit.md)",
     )
+    demo = sub.add_parser(
+        "demo",
+        help="run one real inference job end to end on this machine (root, Docker; "
+        "see docs/demo.md)",
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the agent and control plane running until Ctrl-C, to try status, jobs, audit",
+    )
+    demo.add_argument(
+        "--seed", type=int, default=7, help="seed of the synthetic dataset (default: 7)"
+    )
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where to put everything (default: a new /tmp/cloudbender-demo-* directory)",
+    )
     return parser
 
 
@@ -93,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.reset_anchor:
                 return _audit_reset_anchor(args.config)
             return _audit(args.config, args.job, as_json=args.json, verify=args.verify)
+        if args.command == "demo":
+            return _demo(args.workdir, keep=args.keep, seed=args.seed)
     except ConfigError as exc:
         _print_config_problems(args.config, exc)
         return EX_CONFIG
@@ -243,6 +264,33 @@ def _audit_reset_anchor(path: Path | None) -> int:
             f"anchor reset: the job store had recorded {lost[0]} entries (head {lost[1]}); "
             f"{ledger} has {seq}, and the agent continues from there"
         )
+    return EX_OK
+
+
+def _demo(workdir: Path | None, *, keep: bool, seed: int) -> int:
+    try:
+        from agent.demo import DemoError
+        from agent.demo.run import run_demo
+    except ImportError as exc:  # numpy or onnx: the optional `demo` extra
+        print(
+            f"cloudbender-agent demo: {exc.name} is missing; install the demo extra "
+            "(pip install 'cloudbender-agent[demo]') or run `make demo`",
+            file=sys.stderr,
+        )
+        return EX_FAIL
+    import tempfile
+
+    from agent.logs import configure
+
+    configure(level="warning", fmt="console", stream=sys.stderr)  # the CP logs in this process
+    where = workdir or Path(tempfile.mkdtemp(prefix="cloudbender-demo-"))
+    try:
+        run_demo(where, seed=seed, keep=keep)
+    except DemoError as exc:
+        print(
+            f"\ncloudbender-agent demo: FAILED: {exc}\n(everything is in {where})", file=sys.stderr
+        )
+        return EX_FAIL
     return EX_OK
 
 

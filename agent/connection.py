@@ -61,7 +61,7 @@ from agent.token_file import TokenFileError, read_token
 
 log = structlog.get_logger(__name__)
 
-KEEPALIVE_S = 20.0  # PROTOCOL.md §1: ping every 20 s, no pong in 20 s ends the session
+KEEPALIVE_S = 20.0  # docs/protocol.md §1: ping every 20 s, no pong in 20 s ends the session
 OPEN_TIMEOUT_S = 15.0
 WELCOME_TIMEOUT_S = 30.0
 CLOSE_TIMEOUT_S = 5.0
@@ -226,7 +226,7 @@ class Connection:
                 ping_interval=KEEPALIVE_S,
                 ping_timeout=KEEPALIVE_S,
                 close_timeout=CLOSE_TIMEOUT_S,
-                max_size=MAX_INCOMING_FRAME,  # PROTOCOL.md §1, the whole frame
+                max_size=MAX_INCOMING_FRAME,  # docs/protocol.md §1, the whole frame
             )
         except InvalidStatus as exc:
             raise Ended(Cause.HTTP_STATUS, http_status=exc.response.status_code) from exc

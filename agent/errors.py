@@ -21,7 +21,7 @@ to the low-level cause; only ``agent.cli`` turns them into exit codes.
     │   │   ├── InvalidContainerSpec     the spec breaks a rule (root user, reserved env, …)
     │   │   ├── GpuUnsupported           GPUs requested, the engine has no NVIDIA support
     │   │   ├── ContainerExists          a container with the job's name exists already
-    │   │   └── IsolationMismatch        read back, it differs from SECURITY.md §1: removed
+    │   │   └── IsolationMismatch        read back, it differs from docs/runtime.md: removed
     │   ├── ContainerStartError      the engine would not start it (OCI runtime, GPU driver)
     │   ├── ContainerNotFound        no container with that id
     │   └── WaitTimeout              wait() gave up; the container is still running
@@ -43,7 +43,7 @@ to the low-level cause; only ``agent.cli`` turns them into exit codes.
     ├── UploadFailed         agent.results.uploader: rejected three times (``agent_error``)
     └── ControlPlaneError    agent.controlplane: the reference control plane's own errors
 
-An error that knows the job failure reason of PROTOCOL.md §4 carries it as ``reason``;
+An error that knows the job failure reason of docs/protocol.md §4 carries it as ``reason``;
 the job runner reports any other as ``agent_error``.
 
 Error messages never contain the control-plane token, nor registry credentials.
@@ -137,7 +137,7 @@ class ContainerExists(ContainerCreateError):
 
 
 class IsolationMismatch(ContainerCreateError):
-    """Read back from the engine, the container differs from SECURITY.md §1.
+    """Read back from the engine, the container differs from docs/runtime.md.
 
     The container has been removed without being started. ``problems`` lists every
     difference, in words.
@@ -163,7 +163,7 @@ class WaitTimeout(ContainerRuntimeError):
 class ModelError(AgentError):
     """A job's model artifact could not be provided; the job ends ``failed``.
 
-    :attr:`reason` is the PROTOCOL.md §4 failure reason the job manager reports.
+    :attr:`reason` is the docs/protocol.md §4 failure reason the job manager reports.
     """
 
     reason: str = "model_unavailable"

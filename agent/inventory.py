@@ -1,6 +1,6 @@
 """What the agent tells the control plane about this node: ``hello`` and heartbeat bodies.
 
-Built from the daemon's latest facts (PROTOCOL.md §3). Datastores are named and
+Built from the daemon's latest facts (docs/protocol.md §3). Datastores are named and
 described, never located: no host path leaves the site. A value the hardware cannot
 report stays ``None`` (JSON ``null``).
 """

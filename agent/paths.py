@@ -3,7 +3,7 @@
 A job id, an artifact name or any other string from the control plane becomes a path
 component only through :func:`child`, which proves that the result is a direct child of
 its root: a single, non-empty component that is not ``.`` or ``..``, has no ``/`` or NUL,
-encodes as UTF-8 and fits one file-name component (255 bytes). PROTOCOL.md's job-id
+encodes as UTF-8 and fits one file-name component (255 bytes). docs/protocol.md's job-id
 pattern already excludes all of these; this is the second line, so that a looser pattern
 or a new caller can never turn a name into ``rmtree(state_dir)`` (a review found exactly
 that: a job id of ``..`` emptied the state directory).

@@ -96,7 +96,7 @@ def check_state_dir(path: Path) -> Problem | None:
     """Write, fsync and remove a probe file; return a problem or None.
 
     A full disk is reported but does not starve the watchdog: restarting would not free
-    space, and the agent must keep serving (DESIGN.md §5). Any other write failure
+    space, and the agent must keep serving (docs/design.md §5). Any other write failure
     (read-only remount, I/O error) is one a restart may cure.
     """
     probe = path / f".probe-{os.getpid()}"

@@ -1,6 +1,6 @@
 """The bearer token file: read, with its permissions and content checked, at every dial.
 
-PROTOCOL.md §1: the token is the stripped content of ``control_plane.token_file``. The
+docs/protocol.md §1: the token is the stripped content of ``control_plane.token_file``. The
 agent asks more of it than that, because the token ends up in an HTTP header and in a
 log scrubber:
 

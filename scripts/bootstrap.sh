@@ -4,12 +4,17 @@
 #
 # Idempotent. Silent when there is nothing to do; runs apt-get only for what is missing
 # and pip only when pyproject.toml changed since the last install. Needs root only when
-# a package is missing. PYTHON picks the interpreter for a new venv (default: python3).
+# a package is missing.
+#
+# PYTHON picks the interpreter (default: /usr/bin/python3, Debian's own, which is what
+# a consumer installs the agent with: 3.11.2 on Debian 12, not whatever python3 comes
+# first on PATH). A .venv made by another interpreter, or by this one before an upgrade,
+# is rebuilt: the tests must run on the Python the README promises.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO"
 
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-/usr/bin/python3}
 VENV=$REPO/.venv
 STAMP=$VENV/.bootstrap-stamp
 
@@ -30,18 +35,34 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # --- virtualenv ----------------------------------------------------------------------
-# The stamp records where the venv was made and from which pyproject.toml. A venv copied
-# along with the checkout still runs, but its scripts' #! lines point at the old place.
-want="$VENV $(sha256sum pyproject.toml | cut -d' ' -f1)"
+# The stamp records where the venv was made, by which interpreter (its real path and
+# version: a shim or a symlink may point elsewhere tomorrow) and from which
+# pyproject.toml. A venv copied along with the checkout still runs, but its scripts' #!
+# lines point at the old place; a venv of another interpreter tests the wrong Python.
+interp() { "$1" -c 'import os, sys; print(os.path.realpath(getattr(sys, "_base_executable", sys.executable)), sys.version.split()[0])'; }
+want_py=$(interp "$PYTHON") || die "$PYTHON does not run"
+want_py=${want_py// /@}
+want="$VENV $want_py $(sha256sum pyproject.toml | cut -d' ' -f1)"
 have=$(cat "$STAMP" 2>/dev/null || true)
-if [ -e "$VENV" ] && { [ -n "$have" ] && [ "${have%% *}" != "$VENV" ] ||
-    ! "$VENV/bin/python" -c '' >/dev/null 2>&1; }; then
-    say "removing $VENV (moved, or made by a Python that is gone)"
-    rm -rf "$VENV"
-    have=
+if [ -e "$VENV" ]; then
+    venv_py=$(interp "$VENV/bin/python" 2>/dev/null) || venv_py=
+    venv_py=${venv_py// /@}
+    why=
+    if [ -z "$venv_py" ]; then
+        why="made by a Python that is gone"
+    elif [ "$venv_py" != "$want_py" ]; then
+        why="made by ${venv_py//@/ }, not $PYTHON (${want_py//@/ })"
+    elif [ -n "$have" ] && [ "${have%% *}" != "$VENV" ]; then
+        why="moved from ${have%% *}"
+    fi
+    if [ -n "$why" ]; then
+        say "removing $VENV ($why)"
+        rm -rf "$VENV"
+        have=
+    fi
 fi
 if [ ! -e "$VENV" ]; then
-    say "creating $VENV"
+    say "creating $VENV with $PYTHON (${want_py//@/ })"
     quietly "$PYTHON" -m venv "$VENV"
 fi
 if [ "$have" != "$want" ]; then

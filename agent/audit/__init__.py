@@ -1,4 +1,4 @@
-"""The hash-chained egress ledger (DESIGN.md §1, docs/audit.md).
+"""The hash-chained egress ledger (docs/design.md §1, docs/audit.md).
 
 ``<state_dir>/audit.jsonl`` records, for every job, what was run and every byte that
 left the site: ``job_assigned``, ``container_started``, ``result_file_sent`` (one per

@@ -268,7 +268,7 @@ class DatastoreConfig(_Section):
 class LimitsConfig(_Section):
     # Lower bounds: to Docker a CPU, memory, pids or /tmp size limit of 0 (or -1) is
     # no limit at all, so every cap here must become a real, positive one. max_cpus
-    # 0.01 is PROTOCOL.md 1.1's minimum (NanoCpus 10,000,000; less rounds towards 0);
+    # 0.01 is docs/protocol.md 1.1's minimum (NanoCpus 10,000,000; less rounds towards 0);
     # max_memory_mib 6 is the smallest memory limit Docker accepts.
     max_concurrent_jobs: PositiveInt = 2
     max_timeout_s: PositiveInt = 86400

@@ -1,11 +1,11 @@
-"""The reference control plane: the CP side of PROTOCOL.md as a small, real server.
+"""The reference control plane: the CP side of docs/protocol.md as a small, real server.
 
 This is an example of the protocol, for the demo, the end-to-end tests and provider
 engineers who write their own control plane. It is not a production control plane:
 it keeps everything in memory, schedules nothing, and is meant for one process on a
 trusted network (loopback, by default).
 
-It is written from PROTOCOL.md alone, independently of the agent's own protocol
+It is written from docs/protocol.md alone, independently of the agent's own protocol
 code, so that the two catch each other's mistakes.
 
 - ``server``: :class:`ControlPlane`, the WebSocket server (upgrade checks, one live
@@ -23,8 +23,9 @@ code, so that the two catch each other's mistakes.
   the files on disk.
 - ``artifacts``: §6, model artifacts served.
 - ``threaded``: :class:`ThreadedControlPlane`, the same server behind a blocking API.
-
-Run it standalone with ``python -m agent.controlplane --token-file FILE``.
+- ``cli``: ``cloudbender-cp`` (also ``python -m agent.controlplane``): ``serve`` and the
+  commands that reach it over ``control``, a Unix socket only its owner can use;
+  ``commands``: what each request does; ``jobfile``: the job file, checked strictly.
 """
 
 from agent.controlplane.auth import ANY_NODE

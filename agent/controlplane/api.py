@@ -103,7 +103,7 @@ class ControlPlaneAPI:
         merged with ``{"ref": image_ref}`` (``image={"digest": …}``).
 
         The answer is not awaited: see :meth:`wait_for_message`. Raises ``BadAssignment``,
-        sending nothing, for a job that breaks PROTOCOL.md 1.1's id pattern or caps
+        sending nothing, for a job that breaks docs/protocol.md 1.1's id pattern or caps
         (to send one anyway, for a test, use :meth:`send`); ``NodeNotConnected``.
         """
         message = build_assign(job_id, image_ref, datastore, **fields)

@@ -1,4 +1,4 @@
-"""Model artifacts served by the reference control plane (PROTOCOL.md §6).
+"""Model artifacts served by the reference control plane (docs/protocol.md §6).
 
 :class:`ArtifactStore` holds each artifact's bytes in memory, with its sha256, and the
 test faults armed on it. :func:`stream` answers one ``artifact.get`` whose artifact

@@ -1,4 +1,4 @@
-"""PROTOCOL.md 1.1's rules for a ``job.assign``, checked before the CP sends one. Pure.
+"""docs/protocol.md 1.1's rules for a ``job.assign``, checked before the CP sends one. Pure.
 
 Revision 1.1 gave ``job.assign`` a job id pattern, a minimum ``resources.cpus`` and
 size caps; an agent answers ``job.rejected`` / ``bad_spec`` (or, without a usable id,
@@ -6,7 +6,7 @@ size caps; an agent answers ``job.rejected`` / ``bad_spec`` (or, without a usabl
 create such a job at all (:class:`~agent.controlplane.errors.BadAssignment`): a caller
 learns at once, by name, what is wrong, instead of from a rejection later.
 
-Written from PROTOCOL.md alone, like the rest of this package, not from the agent's
+Written from docs/protocol.md alone, like the rest of this package, not from the agent's
 models: each side catches the other's mistakes. "In all" counts the UTF-8 bytes of the
 strings: each ``command`` item; each ``env`` name and value. The frame is measured as
 this CP encodes it (compact JSON). Only the rules 1.1 added and the shapes they need

@@ -1,4 +1,4 @@
-"""The upgrade gate (PROTOCOL.md §1): path, then ``Authorization: Bearer <token>``.
+"""The upgrade gate (docs/protocol.md §1): path, then ``Authorization: Bearer <token>``.
 
 Runs as websockets' ``process_request``, before the subprotocol is negotiated: a
 wrong path is 404, a missing or unknown token 401. The token never reaches a log,

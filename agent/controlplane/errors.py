@@ -5,7 +5,7 @@
     AgentError
     └── ControlPlaneError
         ├── NodeNotConnected   send/close to a node with no live session
-        ├── BadAssignment      assign() of a job that breaks PROTOCOL.md 1.1 §4 (also a ValueError)
+        ├── BadAssignment      assign() of a job that breaks protocol 1.1 §4 (also a ValueError)
         └── WaitTimeout        a wait_for_* ran out of time (also a TimeoutError)
 """
 

@@ -206,7 +206,7 @@ async def on_artifact_get(ctx: Context, message: dict[str, Any], _payload: bytes
     """Stream the artifact (§6), or answer ``unknown_artifact`` / ``bad_message``.
 
     An ``offset`` equal to the size is a complete download: just ``artifact.end``.
-    A negative one, or one past the end, is ``bad_message`` (PROTOCOL.md is silent).
+    A negative one, or one past the end, is ``bad_message`` (docs/protocol.md is silent).
     """
     artifact_id, offset = message["artifact"], message["offset"]
     ctx.registry.artifact_request(ctx.node_id, ArtifactRequest(artifact_id, offset, ctx.session_id))

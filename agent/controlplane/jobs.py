@@ -1,4 +1,4 @@
-"""Jobs (PROTOCOL.md §4) as the control plane sees them. Pure: no I/O.
+"""Jobs (docs/protocol.md §4) as the control plane sees them. Pure: no I/O.
 
 A :class:`JobTrack` per job is kept on the node's record: what the CP sent
 (``job.assign``, ``job.cancel``, ``job.ack``) and what the agent answered. The

@@ -1,4 +1,4 @@
-"""``result.manifest`` (PROTOCOL.md §5) checked and parsed, and file names for the disk. Pure.
+"""``result.manifest`` (docs/protocol.md §5) checked and parsed, and file names for the disk. Pure.
 
 :func:`parse` turns a manifest whose field types the dispatcher has already checked
 into a :class:`Manifest`, or says what is wrong with it. A wrong manifest is answered

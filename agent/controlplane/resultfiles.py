@@ -1,4 +1,4 @@
-"""Result files on the control plane's disk (PROTOCOL.md §5): partial files, fsync, the final tree.
+"""Result files on the CP's disk (docs/protocol.md §5): partial files, fsync, the final tree.
 
 Layout under the results directory ``root`` (``<node>`` and ``<job>`` are
 :func:`~agent.controlplane.manifest.fs_name` of the ids)::

@@ -1,8 +1,8 @@
-"""Receiving results (PROTOCOL.md §5): manifest → resume → chunks → acks → end → verdict.
+"""Receiving results (docs/protocol.md §5): manifest → resume → chunks → acks → end → verdict.
 
 :class:`ResultStore` holds one upload per ``(node_id, job_id)`` across sessions; the
 bytes go to disk through :class:`~agent.controlplane.resultfiles.JobFiles`. Only the
-server's event loop may call it. Choices where PROTOCOL.md is silent:
+server's event loop may call it. Choices where docs/protocol.md is silent:
 
 - ``result.resume`` offers what is held of each file: what was written before the
   previous session ended, fsynced first. A manifest unlike the earlier one for the

@@ -44,7 +44,7 @@ CLOSE_REPLACED = 4409
 
 
 class ControlPlane(ControlPlaneAPI):
-    """The reference control plane: a real WebSocket server for PROTOCOL.md, asyncio API.
+    """The reference control plane: a real WebSocket server for docs/protocol.md, asyncio API.
 
     ``tokens`` maps each bearer token to the ``node_id`` it may use (``"*"``: any), or
     is a function ``token -> node_id | None``; it is consulted on every upgrade, so a

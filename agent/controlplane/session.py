@@ -28,7 +28,7 @@ from agent.controlplane.state import Disconnect, Registry
 log = structlog.get_logger(__name__)
 
 # Close code for a connection whose first frame is not an acceptable hello
-# (RFC 6455 "policy violation"). PROTOCOL.md names only 4401 and 4409.
+# (RFC 6455 "policy violation"). docs/protocol.md names only 4401 and 4409.
 CLOSE_BAD_HELLO = 1008
 
 

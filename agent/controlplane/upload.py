@@ -1,4 +1,4 @@
-"""One job's upload of results (PROTOCOL.md §5), its test faults, and its snapshot.
+"""One job's upload of results (docs/protocol.md §5), its test faults, and its snapshot.
 
 :class:`Upload` is the live record that :class:`~agent.controlplane.results.ResultStore`
 keeps per ``(node_id, job_id)``: the manifest, the bytes held of each file (written,

@@ -1,16 +1,16 @@
-"""What an agent may send, checked from PROTOCOL.md alone. Pure: no I/O.
+"""What an agent may send, checked from docs/protocol.md alone. Pure: no I/O.
 
 Two levels, on purpose:
 
 - :func:`problem` checks field presence and JSON types. A problem there is what §2
   calls "a field of the wrong type": the CP answers ``error`` / ``bad_message``.
-- :func:`violations` checks values that PROTOCOL.md forbids but that do not stop the
+- :func:`violations` checks values that docs/protocol.md forbids but that do not stop the
   CP from understanding the message (a GPU health of ``"fine"``, a heartbeat GPU
   without ``uuid``, a datastore that carries a host path). They are recorded on the
   node, where tests assert there are none; the session is not disturbed.
 
 Fields a CP cannot work without are *required* (missing: ``bad_message``). Fields
-shown in PROTOCOL.md's examples that a CP could do without are *expected* (missing: a
+shown in docs/protocol.md's examples that a CP could do without are *expected* (missing: a
 violation). Any present field must have its type. Unknown fields are ignored (§2).
 """
 
@@ -128,7 +128,7 @@ def problem(message: Mapping[str, Any], spec: Spec) -> str | None:
 
 
 def violations(type_: str, message: dict[str, Any], spec: Spec) -> list[str]:
-    """Everything in an (already type-checked) message that PROTOCOL.md forbids."""
+    """Everything in an (already type-checked) message that docs/protocol.md forbids."""
     found = [f"{type_}: missing field {name!r}" for name in sorted(spec.expected - message.keys())]
     if spec.check is not None:
         found += [f"{type_}: {text}" for text in spec.check(message)]

@@ -7,7 +7,7 @@ same class over ``tests.fakes.nvml.FakeNvml`` in tests) produces a :class:`GpuIn
 Contracts shared by every backend:
 
 - A value the hardware or driver cannot give is ``None``, never a made-up number
-  (PROTOCOL.md §3: "a metric the hardware cannot report is null").
+  (docs/protocol.md §3: "a metric the hardware cannot report is null").
 - A broken GPU is data, not an exception: it appears with ``health`` ``"lost"`` or
   ``"degraded"`` and ``health_reasons`` in words a person can act on.
 - A node without a usable NVIDIA driver has an inventory with no GPUs,

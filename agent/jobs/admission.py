@@ -4,7 +4,7 @@ Pure: no I/O, no asyncio, no clock. :func:`admit` takes an already validated
 :class:`~agent.protocol.messages.JobAssign`, the current :class:`~agent.config.Config`
 and facts about the node, and returns either :class:`Admitted` (everything the job
 manager needs to run the job, with every limit made concrete) or :class:`Rejected`
-(a code of PROTOCOL.md §4 and a detail for the control plane).
+(a code of docs/protocol.md §4 and a detail for the control plane).
 
 Decided here, in this order (the first failing check wins; one check may name several
 problems of its kind): ``bad_spec``, ``unknown_datastore``, ``image_not_allowed``,
@@ -193,7 +193,7 @@ def admit(
     rejected (``limits_exceeded``): the job would not run as the provider asked. Result
     limits differ: the effective value is the smaller of the assignment's and the
     config's, so a larger ``results.max_bytes``/``max_files`` is capped, not rejected;
-    the assignment can only tighten them (PROTOCOL.md §4), and a job whose output fits
+    the assignment can only tighten them (docs/protocol.md §4), and a job whose output fits
     loses nothing by it.
 
     Pure and deterministic; raises nothing else.

@@ -1,4 +1,4 @@
-"""The job manager: the session handler for jobs (PROTOCOL.md §4).
+"""The job manager: the session handler for jobs (docs/protocol.md §4).
 
 It answers ``job.assign`` (idempotent; admission policy; slots), ``job.cancel`` and
 ``job.ack``; runs one :class:`~agent.jobs.runner.JobRunner` task per job; and is the one
@@ -9,7 +9,7 @@ sends the current state of every job listed in ``hello.jobs``.
 Slots: a job holds one of ``limits.max_concurrent_jobs`` slots from acceptance until it
 ends; an assignment when every slot is held is rejected ``no_capacity``, and so is one
 while :func:`ack_backlog` ended jobs wait for their ``job.ack``. A job with a
-slot whose GPUs are leased to other jobs is ``waiting``. (PROTOCOL.md names both; this
+slot whose GPUs are leased to other jobs is ``waiting``. (docs/protocol.md names both; this
 is how the agent reads them, documented in docs/control-plane.md.)
 """
 

@@ -1,4 +1,4 @@
-"""Job states, transitions and reasons (PROTOCOL.md §4). Pure.
+"""Job states, transitions and reasons (docs/protocol.md §4). Pure.
 
 ::
 
@@ -10,7 +10,7 @@ entered in order until the job ends, and a job can end from any state. A job end
 exactly one terminal state.
 
 Revision 1.1's reasons and rejection code are listed here; its state ``held`` (between
-``running`` and ``uploading``, only on nodes that review results, PROTOCOL.md §5a) is
+``running`` and ``uploading``, only on nodes that review results, docs/protocol.md §5a) is
 not: it comes with the review feature, which must also let ``running`` skip it.
 """
 
@@ -38,7 +38,7 @@ class State(StrEnum):
 TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED, State.TIMED_OUT})
 ORDER = (State.ACCEPTED, State.WAITING, State.PREPARING, State.RUNNING, State.UPLOADING)
 
-# Failure reasons of PROTOCOL.md §4.
+# Failure reasons of docs/protocol.md §4.
 FAILURE_REASONS = frozenset(
     {
         "image_unavailable",

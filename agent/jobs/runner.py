@@ -128,7 +128,7 @@ class JobRunner:
 
         Cancelling this task means the agent is shutting down, not that the job is
         cancelled: the container is left running and the job keeps its state, to be
-        re-adopted at the next start (DESIGN.md §5).
+        re-adopted at the next start (docs/design.md §5).
         """
         try:
             await self._run(resume)
@@ -136,7 +136,7 @@ class JobRunner:
             exit_code = end.exit_code if end.exit_code is not None else self.exit_code
             await self._end(end.state, end.reason, exit_code)
         except AgentError as exc:
-            # Errors that know their PROTOCOL.md failure reason carry it as ``reason``
+            # Errors that know their docs/protocol.md failure reason carry it as ``reason``
             # (model, result, spool and upload errors); anything else is agent_error.
             reason = getattr(exc, "reason", None)
             reason = reason if reason in FAILURE_REASONS else "agent_error"
@@ -175,7 +175,7 @@ class JobRunner:
         exited = await self._wait_for_exit()
         self.exit_code = exited.exit_code
         if await self._output_full():
-            # PROTOCOL.md §5: whatever the exit code, a job that filled its output
+            # docs/protocol.md §5: whatever the exit code, a job that filled its output
             # ends result_too_large (it most likely failed because of the cap).
             raise JobEnded(State.FAILED, "result_too_large", exited.exit_code)
         if exited.oom_killed:

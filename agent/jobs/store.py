@@ -1,7 +1,7 @@
 """The durable job store: SQLite (WAL) in the state directory.
 
 Holds every job the control plane has not yet acknowledged, and the ids of ended jobs
-for at least :data:`REMEMBER_S` (7 days, PROTOCOL.md §4), so that a repeated
+for at least :data:`REMEMBER_S` (7 days, docs/protocol.md §4), so that a repeated
 ``job.assign`` is answered ``duplicate_job`` even after a restart. Credentials are
 never stored: the assignment is kept without ``image.auth``.
 

@@ -1,4 +1,4 @@
-"""Model artifacts (PROTOCOL.md §6): fetch over the session, verify, unpack safely, cache.
+"""Model artifacts (docs/protocol.md §6): fetch over the session, verify, unpack safely, cache.
 
 - ``fetch``: :class:`ArtifactFetcher`, ``artifact.get`` → chunks → a verified file in
   the spool, with resume after a dropped session; the job manager routes

@@ -1,4 +1,4 @@
-"""The node's model cache: verified, unpacked model artifacts by sha256 (PROTOCOL.md §6).
+"""The node's model cache: verified, unpacked model artifacts by sha256 (docs/protocol.md §6).
 
 Layout, all under ``root`` (``0700``: root only)::
 

@@ -1,6 +1,6 @@
 """One artifact download: its partial file, its hash, and the verification rules. No asyncio.
 
-Rules, where PROTOCOL.md §6 is silent:
+Rules, where docs/protocol.md §6 is silent:
 
 - A chunk is kept only when its ``offset`` equals the bytes held; any other (a
   duplicate, a gap) is dropped. The bytes held are thus always a prefix of the

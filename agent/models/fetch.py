@@ -1,4 +1,4 @@
-"""Downloading model artifacts over the control-plane session (PROTOCOL.md §6).
+"""Downloading model artifacts over the control-plane session (docs/protocol.md §6).
 
 :class:`ArtifactFetcher` asks with ``artifact.get`` and writes the ``artifact.chunk``
 payloads to a partial file in its spool as they arrive (memory stays bounded by one

@@ -1,4 +1,4 @@
-"""Safe unpacking of a model archive: a tar file, optionally gzip-compressed (PROTOCOL.md §6).
+"""Safe unpacking of a model archive: a tar file, optionally gzip-compressed (docs/protocol.md §6).
 
 The archive's sha256 has been checked before it gets here, so its bytes are what the
 control plane meant to send; this module makes sure that those bytes cannot hurt the
@@ -14,7 +14,9 @@ archive with:
 - more than ``max_members`` members, or regular files totalling more than ``max_bytes``;
 - tar metadata (pax or GNU long-name headers) over :data:`MAX_META_BYTES`, which
   :mod:`tarfile` would otherwise read whole into memory;
-- anything :func:`tarfile.data_filter` refuses, as a second opinion;
+- anything :func:`tarfile.data_filter` refuses, as a second opinion where this
+  Python has it (3.11.4 and later; Debian 12's 3.11.2 does not): the rules above are
+  this module's own and hold without it;
 - bytes that are not a tar archive (or gzip of one) at all.
 
 Nothing is extracted in place: members go into a fresh temporary directory next to
@@ -44,6 +46,7 @@ import shutil
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -185,10 +188,7 @@ def _extract(tar: tarfile.TarFile, root: Path, max_bytes: int, max_members: int)
                 raise _Refused(f"more than {max_members} members")
             parts = member_parts(member)
             _check_type(member)
-            try:
-                tarfile.data_filter(member, str(root))
-            except tarfile.FilterError as exc:
-                raise _Refused(f"member {_words(member.name)} refused by tarfile: {exc}") from exc
+            _second_opinion(member, root)
             if not parts:
                 continue  # "./": the archive's root, which is dest itself
             if member.isdir():
@@ -203,6 +203,22 @@ def _extract(tar: tarfile.TarFile, root: Path, max_bytes: int, max_members: int)
             with source:
                 _write(parent, parts[-1], source, member.name)
     return total
+
+
+def _second_opinion(member: tarfile.TarInfo, root: Path) -> None:
+    # tarfile's extraction filters arrived in 3.11.4; Debian 12 ships 3.11.2. Every rule
+    # of data_filter that matters here (no absolute path, no '..', no link, no device,
+    # sane modes) is already enforced by this module before it, so the filter is only a
+    # second opinion: asked when this Python has it, and its absence weakens nothing.
+    data_filter: Callable[[tarfile.TarInfo, str], object] | None = getattr(
+        tarfile, "data_filter", None
+    )
+    if data_filter is None:
+        return
+    try:
+        data_filter(member, str(root))
+    except tarfile.TarError as exc:  # FilterError (3.11.4+) derives from TarError
+        raise _Refused(f"member {_words(member.name)} refused by tarfile: {exc}") from exc
 
 
 def _conflict(name: str) -> _Refused:

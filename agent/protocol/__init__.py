@@ -1,4 +1,4 @@
-"""The wire protocol (PROTOCOL.md), pure: no sockets, no sleeps, no asyncio.
+"""The wire protocol (docs/protocol.md), pure: no sockets, no sleeps, no asyncio.
 
 - ``frames``: the binary frame codec of §2.
 - ``messages``: typed messages, validation of what the control plane sends.

@@ -1,4 +1,4 @@
-"""``job.assign`` (PROTOCOL.md §4, revision 1.1) as strict pydantic models, and the
+"""``job.assign`` (docs/protocol.md §4, revision 1.1) as strict pydantic models, and the
 shared pieces of every incoming message (the strict base, job ids, numbers). Pure.
 
 Revision 1.1's rules live here: the job id pattern, a minimum ``resources.cpus``, size
@@ -20,7 +20,7 @@ from pydantic_core import PydanticCustomError
 
 from agent.protocol.imageref import GRAMMAR, is_image_ref
 
-# PROTOCOL.md 1.1 §4: a letter or digit first, so "." and ".." are never job ids.
+# docs/protocol.md 1.1 §4: a letter or digit first, so "." and ".." are never job ids.
 _JOB_ID_BODY = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 JOB_ID_PATTERN = rf"^{_JOB_ID_BODY}$"
 # The same rule, for deciding whether an invalid job.assign's id is usable (fullmatch).
@@ -32,7 +32,7 @@ _JOB_ID = re.compile(_JOB_ID_BODY)
 KNOWN_JOB_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 SHA256_HEX = r"^[0-9a-f]{64}$"
 
-# PROTOCOL.md 1.1 §4: the caps on a job.assign, each refused bad_spec. "In all" is the
+# docs/protocol.md 1.1 §4: the caps on a job.assign, each refused bad_spec. "In all" is the
 # sum of the UTF-8 bytes of the strings: each command item; each env name and value.
 # They bound what one assignment costs the agent in memory and in the job store.
 MAX_ASSIGN_FRAME = 256 * 1024  # bytes of the text frame, as UTF-8
@@ -110,7 +110,7 @@ class ResultLimits(StrictMessage):
 
 
 class JobAssign(StrictMessage):
-    """A ``job.assign`` within PROTOCOL.md 1.1's caps (the frame's own size is checked
+    """A ``job.assign`` within docs/protocol.md 1.1's caps (the frame's own size is checked
     by :func:`parse_text`). Admission decides the rest (:mod:`agent.jobs.admission`)."""
 
     type: Literal["job.assign"]

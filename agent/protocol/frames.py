@@ -1,4 +1,4 @@
-"""Binary frames (PROTOCOL.md §2): a 4-byte big-endian header length, a JSON header, a payload.
+"""Binary frames (docs/protocol.md §2): a 4-byte big-endian header length, a JSON header, a payload.
 
 ::
 

@@ -1,6 +1,6 @@
 """Is a string a Docker image reference? The grammar of distribution/reference, pure.
 
-PROTOCOL.md 1.1 makes admission parse ``image.ref`` as a reference: a ref is shown in
+docs/protocol.md 1.1 makes admission parse ``image.ref`` as a reference: a ref is shown in
 logs, ``/status`` and the audit ledger, and one that is any string at all could carry
 terminal escapes, newlines or bidi overrides into all three. The grammar below is that
 of ``github.com/distribution/reference`` (``reference.go`` / ``regexp.go``), which

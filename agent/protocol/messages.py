@@ -1,16 +1,16 @@
-"""Typed messages of PROTOCOL.md and the validation of everything the control plane sends.
+"""Typed messages of docs/protocol.md and the validation of everything the control plane sends.
 
 Incoming messages are pydantic models in strict mode: a field of the wrong JSON type is
 refused (``"5"`` is not ``5``, ``true`` is not ``1``), unknown fields are ignored (§2:
 newer control planes may send more). :func:`parse_text` and :func:`parse_binary` turn a
 frame into a model or a :class:`Invalid` that says which ``error`` to answer with.
 
-``job.assign`` follows revision 1.1 of PROTOCOL.md §4: its models and caps are in
+``job.assign`` follows revision 1.1 of docs/protocol.md §4: its models and caps are in
 :mod:`agent.protocol.assign` (re-exported here); the frame cap is checked by
 :func:`parse_text`, the one place that sees the frame.
 
 Outgoing messages are built by the small functions at the bottom; every one of them is a
-JSON object with a string ``type``, exactly the fields of PROTOCOL.md and nothing more.
+JSON object with a string ``type``, exactly the fields of docs/protocol.md and nothing more.
 
 Error details quote field names and what was expected, never the offending value: a
 hostile peer must not be able to make the agent echo arbitrary bytes back, and values
@@ -159,7 +159,7 @@ class Invalid:
     """A frame that must be answered with ``error`` (``code``), or ``job.rejected``.
 
     ``job_id`` is set for a ``job.assign`` whose ``job_id`` is usable but whose other
-    fields are not: PROTOCOL.md §4 wants ``job.rejected`` / ``bad_spec`` for it, so that
+    fields are not: docs/protocol.md §4 wants ``job.rejected`` / ``bad_spec`` for it, so that
     the control plane can correlate the refusal.
     """
 

@@ -4,7 +4,7 @@ Nothing here is fatal in the sense of "give up": an agent that stops dialling is
 agent somebody must restart by hand, and the control plane may come back at any time.
 What :func:`classify` decides is whether a failure is *transient* (normal backoff) or
 *persistent* (a refused token, a replaced node, a protocol the control plane does not
-speak): those are retried at the maximum backoff only (PROTOCOL.md §1), since retrying
+speak): those are retried at the maximum backoff only (docs/protocol.md §1), since retrying
 faster cannot help and would hammer the control plane.
 """
 
@@ -19,7 +19,7 @@ from enum import Enum
 
 from agent.protocol.messages import printable
 
-# Close codes of PROTOCOL.md §1.
+# Close codes of docs/protocol.md §1.
 CLOSE_AUTH_FAILED = 4401
 CLOSE_REPLACED = 4409
 

@@ -1,4 +1,4 @@
-"""The agent's side of one control-plane session (PROTOCOL.md §3), as a state machine.
+"""The agent's side of one control-plane session (docs/protocol.md §3), as a state machine.
 
 No I/O: frames go in through :meth:`Session.receive_text` / :meth:`receive_binary`, which
 return events; frames to send accumulate and are taken with :meth:`data_to_send`. The
@@ -10,7 +10,7 @@ caller (``agent.connection``) owns the socket, the clock and the timers, and mus
 4. send everything :meth:`data_to_send` returns, in order, after each call;
 5. close the connection after a :class:`Fatal` event.
 
-Choices where PROTOCOL.md is silent (docs/control-plane.md lists them too):
+Choices where docs/protocol.md is silent (docs/control-plane.md lists them too):
 
 - Before ``welcome`` the agent sends nothing but ``hello`` (§3), so an invalid frame
   received then is not answered; it is reported as :class:`Ignored`. An ``error`` is

@@ -1,1 +1,1 @@
-"""Results that leave the site: the output gate, the spool and the uploader (PROTOCOL.md §5)."""
+"""Results that leave the site: the output gate, the spool, the uploader (docs/protocol.md §5)."""

@@ -49,7 +49,7 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class ResultError(AgentError):
-    """The job's output cannot be sent; ``reason`` is the PROTOCOL.md failure reason."""
+    """The job's output cannot be sent; ``reason`` is the docs/protocol.md failure reason."""
 
     reason = "result_invalid"
 

@@ -1,4 +1,4 @@
-"""Streams spooled results to the control plane (PROTOCOL.md §5), resumably, exactly once.
+"""Streams spooled results to the control plane (docs/protocol.md §5), resumably, exactly once.
 
 One :meth:`Uploader.deliver` per job: ``result.manifest`` → ``result.resume`` →
 ``result.chunk`` frames (files in index order, ≤ 1 MiB each) with at most

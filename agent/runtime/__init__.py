@@ -1,4 +1,4 @@
-"""The container runtime: job containers isolated as SECURITY.md §1 requires.
+"""The container runtime: job containers isolated as docs/runtime.md requires.
 
 ``base`` holds the value types and the :class:`~agent.runtime.base.Runtime` interface,
 ``spec`` turns a :class:`~agent.runtime.base.ContainerSpec` into the engine's create

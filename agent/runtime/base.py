@@ -23,7 +23,7 @@ LABEL_MANAGED = "cloudbender.managed"
 LABEL_NODE_ID = "cloudbender.node-id"
 LABEL_JOB_ID = "cloudbender.job-id"
 
-# Where the job sees its three mounts (PROTOCOL.md §7).
+# Where the job sees its three mounts (docs/protocol.md §7).
 DATA_TARGET = "/opt/data"
 MODEL_TARGET = "/opt/model"
 OUTPUT_TARGET = "/opt/output"
@@ -165,7 +165,7 @@ class Runtime(Protocol):
 
     def create(self, spec: ContainerSpec) -> str:
         """Create the job's container, read it back and verify every isolation setting
-        (SECURITY.md §1); return its id. The container is not started.
+        (docs/runtime.md); return its id. The container is not started.
 
         On any difference the container is removed and
         :class:`~agent.errors.IsolationMismatch` raised, so a container that exists is

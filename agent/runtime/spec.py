@@ -1,6 +1,6 @@
 """A :class:`ContainerSpec` → the Docker SDK's ``containers.create`` arguments.
 
-Pure: no Docker import, no I/O. Every row of SECURITY.md §1 is set here, and
+Pure: no Docker import, no I/O. Every row of docs/runtime.md is set here, and
 ``agent.runtime.verify`` checks each of them on the container the engine created.
 The arguments are plain JSON-ready values (dicts, not ``docker.types`` objects; the
 SDK turns them into the same request), so that tests can compare and print them.
@@ -51,7 +51,7 @@ LOG_OPTS = {"max-size": "1m", "max-file": "2"}
 STOP_SIGNAL = "SIGTERM"
 # Docker refuses a memory limit below 6 MiB.
 MIN_MEMORY_MIB = 6
-# 0.01 CPU (PROTOCOL.md 1.1's minimum). NanoCpus 0 is "no limit" to Docker, and any
+# 0.01 CPU (docs/protocol.md 1.1's minimum). NanoCpus 0 is "no limit" to Docker, and any
 # value under this one gives a CFS quota under the kernel's 1 ms minimum.
 MIN_NANO_CPUS = 10_000_000
 

@@ -1,4 +1,4 @@
-"""Check a created container, as the engine reports it, against SECURITY.md §1.
+"""Check a created container, as the engine reports it, against docs/runtime.md.
 
 Pure: it reads ``container.attrs`` (the engine's inspect answer) and never trusts
 what was asked for. :func:`verify_attrs` returns every difference in words, one row
@@ -294,7 +294,7 @@ ROWS: tuple[Callable[[ContainerSpec, Attrs], list[str]], ...] = (
 
 def verify_attrs(spec: ContainerSpec, attrs: Attrs) -> list[str]:
     """Every way ``attrs`` (a container's inspect answer) differs from what ``spec`` and
-    SECURITY.md §1 require, in words; empty when the container may be started."""
+    docs/runtime.md require, in words; empty when the container may be started."""
     return [problem for row in ROWS for problem in row(spec, attrs)]
 
 
