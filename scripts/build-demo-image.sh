@@ -16,7 +16,17 @@ set -euo pipefail
 REPO_NAME=cloudbender-demo/onnx
 RECIPE_LABEL=org.cloudbender.demo.recipe
 SUITE=bookworm
-MIRROR=${DEMO_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The Debian mirror: DEMO_DEBIAN_MIRROR, else the one this machine's apt already uses
+# (deb822 .sources or one-line .list; not the security archive).
+host_mirror() {
+    {
+        grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}'
+        grep -hsE '^deb[[:space:]]' /etc/apt/sources.list /etc/apt/sources.list.d/*.list |
+            sed -E 's/\[[^]]*\]//' | awk '{print $2}'
+    } | grep -v -- '-security' | head -n 1
+}
+MIRROR=${DEMO_DEBIAN_MIRROR:-$(host_mirror)}
+[ -n "$MIRROR" ] || die "no Debian mirror found in apt's sources: set DEMO_DEBIAN_MIRROR"
 # The Debian packages on top of minbase: the interpreter and its full standard library.
 DEBS=python3-minimal,libpython3.11-stdlib
 # Every wheel pinned, the dependencies of onnxruntime included, so that one recipe hash
