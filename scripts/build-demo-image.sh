@@ -19,11 +19,12 @@ SUITE=bookworm
 # The Debian mirror: DEMO_DEBIAN_MIRROR, else the one this machine's apt already uses
 # (deb822 .sources or one-line .list; not the security archive).
 host_mirror() {
+    # Missing files and no match are normal here: never let them end the script.
     {
-        grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}'
+        grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources || true
         grep -hsE '^deb[[:space:]]' /etc/apt/sources.list /etc/apt/sources.list.d/*.list |
-            sed -E 's/\[[^]]*\]//' | awk '{print $2}'
-    } | grep -v -- '-security' | head -n 1
+            sed -E 's/\[[^]]*\]//; s/^deb[[:space:]]+/URIs: /' || true
+    } | awk '!found && $1 == "URIs:" && $2 !~ /-security/ {print $2; found = 1}'
 }
 MIRROR=${DEMO_DEBIAN_MIRROR:-$(host_mirror)}
 [ -n "$MIRROR" ] || die "no Debian mirror found in apt's sources: set DEMO_DEBIAN_MIRROR"

@@ -35,7 +35,10 @@ def demo_image(docker_client: object) -> str:
         ["bash", str(script)], capture_output=True, text=True, timeout=seconds(BUILD_TIMEOUT_S)
     )
     if done.returncode != 0:
-        pytest.fail(f"{script} failed:\n{done.stderr[-4000:]}", pytrace=False)
+        pytest.fail(
+            f"{script} exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-4000:]}",
+            pytrace=False,
+        )
     return DEMO_IMAGE
 
 
