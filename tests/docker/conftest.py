@@ -20,6 +20,7 @@ from docker.errors import DockerException, ImageNotFound, NotFound
 
 from agent.runtime.base import ContainerSpec
 from agent.runtime.docker import DockerRuntime
+from tests.helpers.jobnode import JobNode, job_node
 
 TEST_IMAGE = "cloudbender-test/busybox:latest"
 
@@ -158,3 +159,11 @@ def bridge_gateway(client: docker.DockerClient) -> str:
     if gateway:
         return str(gateway)
     return str(next(ipaddress.ip_network(ipv4[0]["Subnet"], strict=False).hosts()))
+
+
+@pytest.fixture
+def node(tmp_path: Path, docker_client: docker.DockerClient, test_image: str) -> Iterator[JobNode]:
+    """The reference control plane and a real agent process on loopback, with the
+    default job-node config (tests/helpers/jobnode.py)."""
+    with job_node(tmp_path, docker_client) as n:
+        yield n

@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import docker
@@ -16,12 +15,6 @@ from tests.helpers.env import seconds
 from tests.helpers.jobnode import JobNode, job_node
 
 pytestmark = pytest.mark.docker
-
-
-@pytest.fixture
-def node(tmp_path: Path, docker_client: docker.DockerClient, test_image: str) -> Iterator[JobNode]:
-    with job_node(tmp_path, docker_client) as n:
-        yield n
 
 
 # -- admission: one test per rejection code, and never a container ------------------------

@@ -5,13 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
-from collections.abc import Iterator
-from pathlib import Path
 
-import docker
 import pytest
 
-from tests.helpers.jobnode import JobNode, job_node
+from tests.helpers.jobnode import JobNode
 
 pytestmark = pytest.mark.docker
 
@@ -29,12 +26,6 @@ def archive(members: dict[str, bytes], *, symlink: tuple[str, str] | None = None
             info.linkname = symlink[1]
             tar.addfile(info)
     return buffer.getvalue()
-
-
-@pytest.fixture
-def node(tmp_path: Path, docker_client: docker.DockerClient, test_image: str) -> Iterator[JobNode]:
-    with job_node(tmp_path, docker_client) as n:
-        yield n
 
 
 def model_field(artifact: str, data: bytes) -> dict[str, object]:

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
-import docker
 import pytest
 
 from agent.jobs.outputfs import headroom
-from tests.helpers.jobnode import JobNode, job_node
+from tests.helpers.jobnode import JobNode
 
 pytestmark = pytest.mark.docker
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def node(tmp_path: Path, docker_client: docker.DockerClient, test_image: str) -> Iterator[JobNode]:
-    with job_node(tmp_path, docker_client) as n:
-        yield n
 
 
 class DiskWatch:

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
-import docker
 import pytest
 
-from tests.helpers.jobnode import IMAGE, JobNode, job_node
+from tests.helpers.jobnode import IMAGE, JobNode
 from tests.unit.test_peer_paths import snapshot
 
 pytestmark = pytest.mark.docker
-
-
-@pytest.fixture
-def node(tmp_path: Path, docker_client: docker.DockerClient, test_image: str) -> Iterator[JobNode]:
-    with job_node(tmp_path, docker_client) as n:
-        yield n
 
 
 @pytest.mark.parametrize("job_id", ["..", ".", "../..", "/", "-rf"])

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
-import docker
 import pytest
 
 from agent.audit import ledger_path, read
-from tests.helpers.jobnode import JobNode, job_node
+from tests.helpers.jobnode import JobNode
 
 pytestmark = pytest.mark.docker
-
-
-@pytest.fixture
-def node(tmp_path: Path, docker_client: docker.DockerClient, test_image: str) -> Iterator[JobNode]:
-    with job_node(tmp_path, docker_client) as n:
-        yield n
 
 
 def test_a_result_named_with_an_escape_sequence_fails_the_job_and_sends_nothing(

@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
-import docker
 import pytest
 
-from tests.helpers.jobnode import JobNode, job_node
+from tests.helpers.jobnode import JobNode
 
 pytestmark = pytest.mark.docker
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def node(tmp_path: Path, docker_client: docker.DockerClient, test_image: str) -> Iterator[JobNode]:
-    with job_node(tmp_path, docker_client) as n:
-        yield n
 
 
 def sha256(data: bytes) -> str:
