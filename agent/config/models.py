@@ -24,6 +24,7 @@ from agent import tls
 from agent.token_file import TokenFileError, read_token
 
 PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 # Paths come from YAML as strings; strict mode would refuse them, so paths alone coerce.
 FsPath = Annotated[Path, Field(strict=False)]
@@ -276,6 +277,8 @@ class LimitsConfig(_Section):
     max_memory_mib: Annotated[int, Field(ge=6)] = 65536
     pids: PositiveInt = 1024
     tmp_mib: PositiveInt = 1024
+    # New jobs are refused no_space under this much free space in the state directory.
+    min_free_mib: NonNegativeInt = 2048
 
 
 class ResultsConfig(_Section):

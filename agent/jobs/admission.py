@@ -10,9 +10,10 @@ Decided here, in this order (the first failing check wins; one check may name se
 problems of its kind): ``bad_spec``, ``unknown_datastore``, ``image_not_allowed``,
 ``gpu_type_unavailable``, ``limits_exceeded``.
 
-Not decided here: ``no_capacity`` (all job slots busy), ``draining``, ``no_space`` and
-``duplicate_job`` depend on the job manager's slots, its lifecycle and the job store;
-the job manager answers them, normally before calling :func:`admit`.
+Decided by :func:`node_refusal`, after :func:`admit`, from facts the job manager gives
+it: ``no_capacity`` (every slot held, or too many ended jobs waiting for ``job.ack``) and
+``no_space`` (the state directory under ``limits.min_free_mib``). Not decided here:
+``draining`` and ``duplicate_job``, which depend on the manager's lifecycle and store.
 
 A ``Rejected.detail`` goes off-site. It never contains a host path (a datastore's path,
 the state directory) or credentials; it names config keys, datastore *names*, image
@@ -29,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from agent.config.models import Config, DatastoreConfig
+from agent.config.models import Config, DatastoreConfig, LimitsConfig
 from agent.gpu.base import GpuInfo, GpuInventory
 from agent.protocol.messages import MIN_CPUS, ImageAuth, JobAssign, ModelSpec
 from agent.runtime.spec import env_problems
@@ -251,3 +252,35 @@ def admit(
         max_result_bytes=_capped(results.max_bytes if results else None, config.results.max_bytes),
         max_result_files=_capped(results.max_files if results else None, config.results.max_files),
     )
+
+
+# Ended jobs that may wait for their job.ack, per job slot, before new jobs are refused
+# no_capacity. Each is held in memory and in the store (and listed in every hello)
+# until acknowledged; without a bound a control plane that never acks grows both
+# without end. A CP that acks as it records ends never comes near it.
+ACK_BACKLOG_PER_SLOT = 4
+
+
+def node_refusal(
+    limits: LimitsConfig, *, active: int, ended_unacked: int, free_mib: int | None
+) -> Rejected | None:
+    """The refusals that depend on the node's state rather than the assignment, checked
+    after :func:`admit`, in this order: ``no_capacity`` when every slot is held, or when
+    ``ACK_BACKLOG_PER_SLOT`` times the slots ended jobs wait for their ``job.ack``; ``no_space``
+    when the state directory has less than ``limits.min_free_mib`` free (``free_mib``
+    None: unknown, not refused here). Pure."""
+    slots = limits.max_concurrent_jobs
+    if active >= slots:
+        return Rejected("no_capacity", f"all {slots} job slots are busy")
+    backlog = ACK_BACKLOG_PER_SLOT * slots
+    if ended_unacked >= backlog:
+        return Rejected(
+            "no_capacity", f"{ended_unacked} ended jobs wait for job.ack (at most {backlog})"
+        )
+    if free_mib is not None and free_mib < limits.min_free_mib:
+        return Rejected(
+            "no_space",
+            f"{free_mib} MiB free on the node, under its floor of {limits.min_free_mib} "
+            "(limits.min_free_mib)",
+        )
+    return None

@@ -16,6 +16,7 @@ is how the agent reads them, documented in docs/control-plane.md.)
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from agent.config import Config
 from agent.connection import Link
 from agent.errors import AgentError
 from agent.gpu.base import GpuInventory
-from agent.jobs.admission import Admitted, Rejected, admit
+from agent.jobs.admission import Admitted, Rejected, admit, node_refusal
 from agent.jobs.model import ORDER, State, check_transition
 from agent.jobs.runner import JobRunner, Resume, RunnerContext
 from agent.jobs.store import JobRecord, JobStore
@@ -39,18 +40,6 @@ from agent.protocol.session import PeerError
 from agent.runtime.base import ContainerState
 
 log = structlog.get_logger(__name__)
-
-# Ended jobs that may wait for their job.ack, per job slot, before new jobs are refused
-# no_capacity. Each is held in memory and in the store (and listed in every hello)
-# until acknowledged; without a bound a control plane that never acks grows both
-# without end. A CP that acks as it records ends never comes near it.
-ACK_BACKLOG_PER_SLOT = 4
-
-
-def ack_backlog(config: Config) -> int:
-    """How many ended, unacknowledged jobs this node holds at most before refusing more."""
-    return ACK_BACKLOG_PER_SLOT * config.limits.max_concurrent_jobs
-
 
 NOT_RECORDED = "job_end_not_recorded"
 
@@ -147,15 +136,14 @@ class JobManager:
         if isinstance(decision, Rejected):
             await self._reject(job_id, decision.code, decision.detail)
             return
-        if self.active() >= config.limits.max_concurrent_jobs:
-            slots = config.limits.max_concurrent_jobs
-            await self._reject(job_id, "no_capacity", f"all {slots} job slots are busy")
-            return
-        waiting, backlog = self.unacknowledged_ended(), ack_backlog(config)
-        if waiting >= backlog:
-            await self._reject(
-                job_id, "no_capacity", f"{waiting} ended jobs wait for job.ack (at most {backlog})"
-            )
+        refusal = node_refusal(
+            config.limits,
+            active=self.active(),
+            ended_unacked=self.unacknowledged_ended(),
+            free_mib=self._free_mib(),
+        )
+        if refusal is not None:
+            await self._reject(job_id, refusal.code, refusal.detail)
             return
         now = time.time()
         # What a restart needs to re-admit the job, and nothing more: never image.auth;
@@ -361,6 +349,14 @@ class JobManager:
     def active(self) -> int:
         """Jobs holding a slot: accepted and not yet ended."""
         return sum(1 for r in self._records.values() if not r.state.terminal)
+
+    def _free_mib(self) -> int | None:
+        """Free space where jobs write (the state directory's file system), or None when
+        it cannot be read (the store's own write then decides)."""
+        try:
+            return shutil.disk_usage(self._ctx.outputs.jobs_dir.parent).free // (1024 * 1024)
+        except OSError:
+            return None
 
     def unacknowledged_ended(self) -> int:
         """Jobs that ended and wait for the control plane's ``job.ack``."""

@@ -2,7 +2,7 @@
 
 Review item 6: a control plane that never acknowledges makes the agent keep every ended
 job in memory, in the job store and in each ``hello``, without end. The node holds at
-most ``4 * limits.max_concurrent_jobs`` of them (``agent.jobs.manager.ack_backlog``).
+most ``4 * limits.max_concurrent_jobs`` of them (``agent.jobs.admission.node_refusal``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from agent.jobs.manager import ACK_BACKLOG_PER_SLOT
+from agent.jobs.admission import ACK_BACKLOG_PER_SLOT
 from tests.helpers.jobnode import job_node
 
 pytestmark = pytest.mark.docker

@@ -389,3 +389,25 @@ def test_cpus_below_the_minimum_never_reach_admission() -> None:
     """Review item 4: ``resources.cpus: 1e-10`` is refused as the assignment is parsed."""
     with pytest.raises(ValidationError, match=r"resources\.cpus"):
         make_assign(resources={"cpus": 1e-10})
+
+
+def test_node_refusals_come_in_order_and_name_the_limit() -> None:
+    """Slots first, then the ack backlog, then the disk floor (limits.min_free_mib): a
+    node whose state directory is nearly full refuses new jobs no_space, saying why."""
+    from agent.config.models import LimitsConfig
+    from agent.jobs.admission import ACK_BACKLOG_PER_SLOT, node_refusal
+
+    limits = LimitsConfig(max_concurrent_jobs=2, min_free_mib=2048)
+    ok = node_refusal(limits, active=1, ended_unacked=0, free_mib=4096)
+    assert ok is None
+    full = node_refusal(limits, active=2, ended_unacked=0, free_mib=0)
+    assert full is not None and (full.code, full.detail) == (
+        "no_capacity",
+        "all 2 job slots are busy",
+    )
+    backlog = node_refusal(limits, active=0, ended_unacked=ACK_BACKLOG_PER_SLOT * 2, free_mib=0)
+    assert backlog is not None and backlog.code == "no_capacity"
+    disk = node_refusal(limits, active=0, ended_unacked=0, free_mib=2047)
+    assert disk is not None and disk.code == "no_space"
+    assert "limits.min_free_mib" in disk.detail
+    assert node_refusal(limits, active=0, ended_unacked=0, free_mib=None) is None
