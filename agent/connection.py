@@ -169,11 +169,19 @@ class Connection:
             welcomed = self._welcomed_at
             self._backoff.session_ended(0.0 if welcomed is None else time.monotonic() - welcomed)
             decision = classify(
-                ended.cause, http_status=ended.http_status, close_code=ended.close_code
+                ended.cause,
+                http_status=ended.http_status,
+                close_code=ended.close_code,
+                established=welcomed is not None,
             )
             words = decision.words + (f": {ended.detail}" if ended.detail else "")
-            delay = self._backoff.next_delay(at_max=decision.at_max_backoff)
-            self._report.disconnected(decision, words, delay)
+            delay = self._backoff.next_delay(
+                at_max=decision.at_max_backoff, soon=decision.redial_soon
+            )
+            # The link was up until this moment unless pongs had stopped: websockets ends
+            # such a session only after KEEPALIVE_S without one.
+            up_until_now = welcomed is not None and ended.cause is not Cause.KEEPALIVE
+            self._report.disconnected(decision, words, delay, up_until_now=up_until_now)
             await asyncio.sleep(delay)
 
     async def _connect_once(self) -> None:
@@ -284,7 +292,6 @@ class Connection:
 
     async def _receive_one(self, ws: ClientConnection, session: s.Session) -> None:
         frame = await ws.recv()
-        self._report.last_frame_at = time.time()
         if isinstance(frame, str):
             events = session.receive_text(frame)
         else:
@@ -328,7 +335,10 @@ class Connection:
             while True:
                 session.heartbeat(time.time(), self._telemetry(self._handler.hello_jobs()))
                 await self._flush()
-                self._report.heartbeat_sent()
+                # The session is open, so websockets' keepalive pings are being answered
+                # (it closes the socket after KEEPALIVE_S without a pong): contact, however
+                # quiet the control plane is.
+                self._report.in_contact()
                 await asyncio.sleep(every_s)
         except ConnectionClosed:
             return  # the receive loop sees it too, and reports it

@@ -6,6 +6,11 @@ string that came from the control plane goes through
 :func:`~agent.protocol.messages.printable` before it is logged or shown, and the lines
 a peer can cause once per frame (its ``error`` messages, frames answered or dropped)
 are throttled: at most :data:`PER_FRAME_LINES` of each kind a minute, then one count.
+
+Two times a person (and ``/healthz``) reads: ``last_contact``, refreshed while the
+session is open (an open session is one whose keepalive pings are answered, however
+quiet the control plane is), and ``since``, which while the link is down is the moment
+it went down (the first failure), kept across the retries that follow.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ class LinkReport:
 
     def __init__(self, publish: Callable[[ControlPlaneFacts], None]) -> None:
         self._publish = publish
+        # Never connected yet: down since the agent started.
         self.facts = ControlPlaneFacts(configured=True, state="disconnected")
-        self.last_frame_at: float | None = None
         self._throttle = logs.Throttle(limit=PER_FRAME_LINES, window_s=60.0)
 
     def connecting(self) -> None:
@@ -55,10 +60,18 @@ class LinkReport:
             next_attempt_at=None,
         )
 
-    def heartbeat_sent(self) -> None:
-        self._update(last_contact=self.last_frame_at or self.facts.last_contact)
+    def in_contact(self) -> None:
+        """The session is open: record contact now (called once per heartbeat)."""
+        self._update(last_contact=time.time())
 
-    def disconnected(self, decision: Decision, words: str, delay: float) -> None:
+    def disconnected(
+        self, decision: Decision, words: str, delay: float, *, up_until_now: bool
+    ) -> None:
+        """A dial or a session ended; the next dial is in ``delay`` seconds.
+
+        ``up_until_now``: an established session whose pings were answered to the end,
+        so the control plane was in contact until this moment.
+        """
         for kind, count in self._throttle.drain().items():
             log.warning("control_plane_log_suppressed", kind=kind, count=count)
         log.warning(
@@ -68,14 +81,17 @@ class LinkReport:
             retry_in_s=round(delay, 2),
         )
         now = time.time()
+        # The outage began now if the link was up; a failed retry continues the outage
+        # that began earlier ("disconnected since" is its first failure, not the latest).
+        went_down = self.facts.state == "connected"
         self._update(
             state=decision.state,
-            since=now,
+            since=now if went_down else self.facts.since,
             last_error=words,
             session_id=None,
             backoff_s=round(delay, 3),
             next_attempt_at=now + delay,
-            last_contact=self.last_frame_at or self.facts.last_contact,
+            last_contact=now if up_until_now else self.facts.last_contact,
         )
 
     def peer_event(self, event: s.Event) -> None:

@@ -66,7 +66,10 @@ class ControlPlaneFacts:
     # "not configured", "connecting", "connected", "disconnected", "auth_failed",
     # "replaced", "unsupported_protocol"
     state: str
+    # When this state began; while the link is down, when it went down (kept across
+    # retries and across the down states: disconnected, auth_failed, …).
     since: float = field(default_factory=time.time)
+    # Last time the link was known up (an open session, its keepalive pings answered).
     last_contact: float | None = None
     last_error: str | None = None
     session_id: str | None = None
@@ -139,10 +142,13 @@ def assess(
         problems.append(Problem("container_engine_unreachable", detail))
     cp = facts.control_plane
     if cp.configured and cp.state != "connected":
-        last = cp.last_contact if cp.last_contact is not None else facts.started_at
-        silent = now - last
-        if silent > max_disconnected_s:
-            detail = f"no contact with the control plane for {silent:.0f} s"
+        # Counted from the moment the link went down (``since``: the outage's first
+        # failure, or the start), not from the control plane's last message: a quiet
+        # control plane on an open link is in contact, and a redeploy after an idle
+        # hour must not turn the node unhealthy the instant the link drops.
+        down_s = now - cp.since
+        if down_s > max_disconnected_s:
+            detail = f"no contact with the control plane for {down_s:.0f} s"
             if cp.last_error:
                 detail += f" ({cp.last_error})"
             problems.append(Problem("control_plane_unreachable", detail))

@@ -5,7 +5,10 @@ agent somebody must restart by hand, and the control plane may come back at any 
 What :func:`classify` decides is whether a failure is *transient* (normal backoff) or
 *persistent* (a refused token, a replaced node, a protocol the control plane does not
 speak): those are retried at the maximum backoff only (docs/protocol.md §1), since retrying
-faster cannot help and would hammer the control plane.
+faster cannot help and would hammer the control plane. A third kind is the control
+plane's own clean goodbye (1001 going away, 1012 service restart) of an established
+session: a redeploy, redialled within :data:`REDIAL_SOON_S` whatever backoff earlier
+failures had reached.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ from agent.protocol.messages import printable
 # Close codes of docs/protocol.md §1.
 CLOSE_AUTH_FAILED = 4401
 CLOSE_REPLACED = 4409
+# RFC 6455 §7.4.1 and the IANA registry: a server going down or restarting on purpose.
+CLOSE_GOING_AWAY = 1001
+CLOSE_SERVICE_RESTART = 1012
+# After such a clean close the agent redials within [0, REDIAL_SOON_S) seconds.
+REDIAL_SOON_S = 5.0
 
 
 class Cause(Enum):
@@ -72,6 +80,7 @@ _CLOSE_WORDS = {
     1008: "policy violation",
     1009: "message too big",
     1011: "internal error",
+    1012: "service restart",
 }
 
 
@@ -119,12 +128,22 @@ class Decision:
     state: str  # what /status shows: disconnected, auth_failed, replaced, unsupported_protocol
     at_max_backoff: bool
     words: str  # for a person: "token refused by control plane"
+    # Redial within REDIAL_SOON_S and forget earlier failures (Backoff.next_delay(soon=)).
+    redial_soon: bool = False
 
 
 def classify(
-    cause: Cause, *, http_status: int | None = None, close_code: int | None = None
+    cause: Cause,
+    *,
+    http_status: int | None = None,
+    close_code: int | None = None,
+    established: bool = False,
 ) -> Decision:
-    """The one place that decides how a failure is retried and reported."""
+    """The one place that decides how a failure is retried and reported.
+
+    ``established``: the session had been welcomed before it ended (a dial or a
+    handshake that failed was not).
+    """
     if cause is Cause.HTTP_STATUS and http_status in (401, 403):
         return Decision("auth_failed", True, f"token refused by control plane (HTTP {http_status})")
     if cause is Cause.CLOSED and close_code == CLOSE_AUTH_FAILED:
@@ -145,6 +164,19 @@ def classify(
         )
     if cause is Cause.HTTP_STATUS:
         return Decision("disconnected", False, f"control plane answered HTTP {http_status}")
+    if cause is Cause.CLOSED and close_code in (CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART):
+        # A control plane that welcomed us and then says goodbye cleanly is being
+        # redeployed or restarted: it will be back in seconds, and the backoff earlier
+        # failures had reached (up to max_s) would leave the node dark for no reason.
+        # Only after a welcome, though: one that closes 1001 before welcoming keeps
+        # refusing us, and a prompt redial would turn that into a tight loop.
+        words = _CLOSE_WORDS[close_code]
+        return Decision(
+            "disconnected",
+            False,
+            f"control plane closed the connection ({close_code} {words})",
+            redial_soon=established,
+        )
     if cause is Cause.CLOSED:
         code = "no close code" if close_code is None else f"close code {close_code}"
         return Decision("disconnected", False, f"connection closed ({code})")
@@ -169,7 +201,9 @@ class Backoff:
     """Exponential backoff with full jitter (AWS architecture blog's "Full Jitter").
 
     ``next_delay`` returns a delay in ``[0, min(max_s, initial_s * 2**attempt))``; with
-    ``at_max`` (persistent failures) one in ``[max_s, 1.1 * max_s)``. Reset after a
+    ``at_max`` (persistent failures) one in ``[max_s, 1.1 * max_s)``; with ``soon`` (the
+    control plane's clean goodbye) one in ``[0, min(REDIAL_SOON_S, initial_s))``, and
+    the failures before it are forgotten. Reset after a
     session that lasted longer than ``max_s`` (:meth:`session_ended`). The caller
     sleeps; this class only counts.
     """
@@ -188,8 +222,13 @@ class Backoff:
     def ceiling(self) -> float:
         return min(self.max_s, self.initial_s * 2.0 ** min(self.attempt, 62))
 
-    def next_delay(self, *, at_max: bool = False) -> float:
-        if at_max:
+    def next_delay(self, *, at_max: bool = False, soon: bool = False) -> float:
+        if soon:
+            # The path worked until the control plane chose to close it: the failures
+            # counted before say nothing about the control plane that comes back.
+            self.attempt = 0
+            delay = min(REDIAL_SOON_S, self.ceiling()) * self._rand()
+        elif at_max:
             # Persistent failures wait the full maximum, never less, plus up to 10 %
             # so that a fleet refused at once does not come back at once.
             delay = self.max_s * (1.0 + 0.1 * self._rand())

@@ -72,11 +72,14 @@ def test_lost_gpu_is_unhealthy_but_a_restart_would_not_help() -> None:
     assert watchdog_ok(problems)
 
 
-def test_control_plane_silence_counts_from_last_contact() -> None:
+def test_control_plane_outage_counts_from_when_the_link_went_down() -> None:
+    """Attack: a provider redeploys after an idle hour; the last message from the control
+    plane is an hour old, and /healthz used to turn 503 the instant the link dropped."""
     cp = ControlPlaneFacts(
         configured=True,
         state="disconnected",
-        last_contact=1000.0,
+        since=1000.0,  # the link went down here
+        last_contact=100.0,  # the control plane's last message, long before
         last_error="token refused by control plane",
     )
     facts = NodeFacts(started_at=0.0, control_plane=cp)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import errno
 import random
 import ssl
+from typing import Any
 
 import pytest
 
 from agent.protocol.retry import (
+    REDIAL_SOON_S,
     Backoff,
     Cause,
     classify,
@@ -67,7 +69,7 @@ def test_reset_only_after_a_long_enough_session() -> None:
         (Cause.LOCAL, {}, "disconnected", False),
     ],
 )
-def test_classify(cause: Cause, kwargs: dict[str, int], state: str, at_max: bool) -> None:
+def test_classify(cause: Cause, kwargs: dict[str, Any], state: str, at_max: bool) -> None:
     decision = classify(cause, **kwargs)
     assert decision.state == state
     assert decision.at_max_backoff is at_max
@@ -109,3 +111,50 @@ def test_dial_failure_words_never_quote_addresses() -> None:
     tls = ssl.SSLCertVerificationError(1, "certificate verify failed: for host 10.0.0.1")
     assert dial_failure_words(tls).startswith("TLS: ")
     assert "10.0.0.1" not in dial_failure_words(tls)
+
+
+@pytest.mark.parametrize("code", [1001, 1012])
+def test_a_clean_goodbye_after_a_welcome_is_redialled_soon(code: int) -> None:
+    """Attack: a control plane redeploy (1001 going away, 1012 restart) left agents
+    waiting out the backoff they had reached, up to reconnect.max_s, before redialling."""
+    decision = classify(Cause.CLOSED, close_code=code, established=True)
+    assert decision.redial_soon and not decision.at_max_backoff
+    assert decision.state == "disconnected"
+    assert str(code) in decision.words
+
+
+@pytest.mark.parametrize(
+    ("cause", "kwargs"),
+    [
+        (Cause.CLOSED, {"close_code": 1001, "established": False}),
+        (Cause.CLOSED, {"close_code": 1000, "established": True}),
+        (Cause.CLOSED, {"close_code": 1011, "established": True}),
+        (Cause.CLOSED, {"close_code": 4409, "established": True}),
+        (Cause.KEEPALIVE, {"established": True}),
+    ],
+)
+def test_other_endings_keep_their_backoff(cause: Cause, kwargs: dict[str, Any]) -> None:
+    """Attack: a control plane that closes 1001 before its welcome would, redialled at
+    once, keep the agent in a tight dial loop; only a clean goodbye of a welcomed session
+    skips the backoff."""
+    assert not classify(cause, **kwargs).redial_soon
+
+
+@pytest.mark.parametrize("initial_s", [0.2, 1.0, 30.0])
+def test_soon_is_within_five_seconds_and_forgets_earlier_failures(initial_s: float) -> None:
+    """Attack: an agent whose backoff had grown to minutes stayed dark that long after a
+    control plane restart that took seconds."""
+    backoff = Backoff(initial_s, 600.0, rand=lambda: 0.999999)
+    for _ in range(8):
+        backoff.next_delay()
+    delay = backoff.next_delay(soon=True)
+    assert delay < min(REDIAL_SOON_S, initial_s) <= 5.0
+    # If the control plane is not back yet, backoff starts over from initial_s.
+    assert backoff.next_delay() == pytest.approx(2 * initial_s, rel=1e-3)
+
+
+def test_soon_is_jittered() -> None:
+    """Attack: a fleet told 1001 at once redialling at once (a thundering herd)."""
+    rng = random.Random(11)
+    delays = [Backoff(30.0, 600.0, rand=rng.random).next_delay(soon=True) for _ in range(500)]
+    assert min(delays) < 0.1 and max(delays) > 4.9
