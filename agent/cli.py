@@ -5,19 +5,26 @@ unhealthy for ``status``, the audit chain is broken or the ledger is unreadable 
 ``audit``, where a ledger not yet created is 0); 3 no daemon answers (as LSB's "program
 is not running");
 78 the configuration is invalid, or ``run`` found a state directory it cannot make
-private (EX_CONFIG: systemd's RestartPreventExitStatus; a restart would fail the same way).
+private (EX_CONFIG: systemd's RestartPreventExitStatus; a restart would fail the same way);
+and 0 too when stdout's reader went away (``| head``): it took what it wanted.
+
+``run`` and ``check-config`` validate the whole config. The local commands read only
+what they need (``status``, ``jobs``: ``health``; ``gpus``: ``gpus``; ``audit``:
+``state_dir``): a problem elsewhere is a note on stderr, a problem there exits 78.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from agent import __version__
 from agent.config import Config, default_config_path, load_config
+from agent.config.loading import load_sections
 from agent.errors import ConfigError, DaemonUnreachable, StateDirError
 
 EX_OK, EX_FAIL, EX_NOT_RUNNING, EX_CONFIG = 0, 1, 3, 78
@@ -28,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="cloudbender-agent",
         description="Node agent for federated inference: runs a provider's model container "
         "next to this site's data and sends back only the result files.",
+        epilog="run and check-config validate the whole config and exit 78 on any problem. "
+        "The local commands read only what they need (status, jobs: health; gpus: gpus; "
+        "audit: state_dir), so a problem elsewhere, such as a token file's mode, is a note "
+        "on stderr; status, jobs and gpus use the defaults when the file cannot be read.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -96,6 +107,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit code. Output piped into ``head`` ends quietly: when the
+    reader goes away, the command stops, without a traceback, and exits 0 (the reader
+    took what it wanted; 141 would fail a ``set -o pipefail`` script for that)."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Inside the guard: Python's own flush at exit would print "Exception
+            # ignored ... BrokenPipeError" after the command had already returned.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Output the reader did not take is dropped; a second flush at exit must not
+        # meet the closed pipe again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EX_OK
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
@@ -164,15 +194,24 @@ def _check_config(path: Path | None) -> int:
     return EX_OK
 
 
-def _optional_config(path: Path | None) -> Config | None:
-    # Read-only commands still work without a valid config: they fall back to defaults,
-    # and say so, rather than refusing to show a person their own machine.
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        where = path or default_config_path()
-        print(f"note: {where} not used ({exc.problems[0]}); using defaults", file=sys.stderr)
-        return None
+def _local_config(
+    path: Path | None, sections: Sequence[str], *, unreadable_ok: bool = False
+) -> Config:
+    # Local commands read only the sections they need: a problem elsewhere (a token
+    # file with mode 0644) is a note, not a refusal, and never a reason to ask another
+    # port or read another ledger. Problems in the sections they need still exit 78.
+    config, ignored = load_sections(path, sections, unreadable_ok=unreadable_ok)
+    where = str(path or default_config_path())
+    if ignored and ignored[0].startswith(where):  # the file itself could not be read
+        print(f"note: {ignored[0]}; using the defaults", file=sys.stderr)
+    elif ignored:
+        more = f" (and {len(ignored) - 1} more)" if len(ignored) > 1 else ""
+        print(
+            f"note: {where}: {ignored[0]}{more}; only {', '.join(sections)} is read here "
+            "(run `cloudbender-agent check-config`)",
+            file=sys.stderr,
+        )
+    return config
 
 
 def _gpus(path: Path | None, *, as_json: bool) -> int:
@@ -180,13 +219,13 @@ def _gpus(path: Path | None, *, as_json: bool) -> int:
     from agent.gpu.nvml import NvmlBackend
     from agent.gpu.report import inventory_json, render_table
 
-    config = _optional_config(path)
+    config = _local_config(path, ["gpus"], unreadable_ok=True)
     backend = NvmlBackend()
     try:
         inventory = backend.snapshot()
     finally:
         backend.close()
-    inventory = mark_allocatable(inventory, config.gpus.allow if config else "all")
+    inventory = mark_allocatable(inventory, config.gpus.allow)
     print(inventory_json(inventory) if as_json else render_table(inventory))
     return EX_OK
 
@@ -194,8 +233,7 @@ def _gpus(path: Path | None, *, as_json: bool) -> int:
 def _health_address(path: Path | None, address: str | None) -> str:
     if address is not None:
         return address
-    config = _optional_config(path)
-    return config.health.listen if config else "127.0.0.1:8787"
+    return _local_config(path, ["health"], unreadable_ok=True).health.listen
 
 
 def _jobs(path: Path | None, address: str | None, *, as_json: bool) -> int:
@@ -219,7 +257,7 @@ def _audit(path: Path | None, job: str | None, *, as_json: bool, verify: bool) -
     from agent.auditcmd import check, show
     from agent.jobs.store import StoreError, read_audit_anchor, store_path
 
-    state_dir = load_config(path).state_dir
+    state_dir = _local_config(path, ["state_dir"]).state_dir
     ledger = ledger_path(state_dir)
     try:
         if verify:
@@ -242,7 +280,7 @@ def _audit_reset_anchor(path: Path | None) -> int:
     from agent.audit import AuditError, AuditLedger, ledger_path
     from agent.jobs.store import AuditAnchor, StoreError, store_path
 
-    state_dir = load_config(path).state_dir
+    state_dir = _local_config(path, ["state_dir"]).state_dir
     ledger = ledger_path(state_dir)
     try:
         # Holding the ledger's lock proves no agent is writing it; opening it without

@@ -11,10 +11,12 @@ masked.
 A value in a log line may be a peer's or a job's string (a job id, a result file's
 name, a close reason). The JSON renderer escapes every control character. The console
 renderer is told to ``repr`` every value, strings too (by default it prints a string
-without spaces as it is); the event, a traceback and the stdlib handler's lines, which
-it prints as they are, are escaped first (:func:`agent.escaping.escape`): an ``ESC``
-or ``\\n`` from a peer cannot rewrite the terminal or start a forged line. A traceback
-keeps its own newlines.
+without spaces as it is); the event and a traceback, which it prints as they are, are
+escaped first (:func:`agent.escaping.escape`): an ``ESC`` or ``\\n`` from a peer cannot
+rewrite the terminal or start a forged line. A traceback keeps its own newlines.
+
+The stdlib's records (websockets, docker, urllib3, asyncio) go through the same
+processors and renderer as the agent's own lines: one format per run, JSON or console.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import logging
 import sys
 import time
+import types
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -77,52 +80,82 @@ def _escape_raw(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> 
     return event
 
 
+def _drop_none(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
+    # Console lines are read by people: `error=None` says nothing. JSON keeps every key,
+    # so that a parser sees the same fields on every line of one event.
+    for key in [k for k, v in event.items() if v is None]:
+        del event[key]
+    return event
+
+
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    """Configure structlog and the stdlib root logger. Safe to call again (reload)."""
+    """Configure structlog and the stdlib root logger. Safe to call again (reload).
+
+    Both go through one renderer: in ``json`` mode every line written to ``stream`` is
+    one JSON object (``event``, ``level``, ``timestamp``; a library's line also
+    ``logger``, e.g. ``websockets.client``), whoever logged it; Python warnings and
+    the traceback of an uncaught exception (``crashed``) go the same way. Console mode
+    leaves out keys whose value is ``None``. Secrets are masked in both.
+    """
     stream = stream or sys.stderr
     numeric = logging.getLevelName(level.upper())
     renderer: Any
-    escaping: list[Any] = []
+    console: list[Any] = []
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty(), repr_native_str=True)
-        escaping = [_escape_raw]
+        console = [_drop_none, _escape_raw]
     else:
         renderer = structlog.processors.JSONRenderer()
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    rendering = [
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        structlog.processors.UnicodeDecoder(),
+        *console,
+        renderer,
+        _scrub_processor,
+    ]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            structlog.processors.UnicodeDecoder(),
-            *escaping,
-            renderer,
-            _scrub_processor,
+            timestamper,
+            *rendering,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
-    # Libraries (docker, websockets) log through the stdlib: keep them quiet unless
-    # debugging, and route what they say through the same scrubber.
+    # Libraries (docker, urllib3, websockets, asyncio) log through the stdlib: keep them
+    # quiet unless debugging, and render what they say like the agent's own lines, so
+    # that a JSON consumer never meets a line it cannot parse.
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(_ScrubbingFormatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.processors.add_log_level,
+                structlog.stdlib.add_logger_name,
+                timestamper,
+            ],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
+        )
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric if level == "debug" else logging.WARNING)
+    # A DeprecationWarning from a library would otherwise be a bare line on stderr.
+    logging.captureWarnings(True)
+    # So would the traceback of a crash: it becomes one `crashed` line in the same format.
+    sys.excepthook = _log_crash
 
 
-class _ScrubbingFormatter(logging.Formatter):
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        # The message line only: an exception's traceback keeps its newlines.
-        return escape(super().formatMessage(record))
-
-    def formatException(self, ei: Any) -> str:
-        return escape(super().formatException(ei), keep="\n")
-
-    def format(self, record: logging.LogRecord) -> str:
-        return scrub(super().format(record))
+def _log_crash(
+    kind: type[BaseException], exc: BaseException, tb: types.TracebackType | None
+) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    structlog.get_logger("agent").critical("crashed", exc_info=(kind, exc, tb))
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,17 +121,57 @@ def load_config(path: Path | None = None) -> Config:
     Raises :class:`ConfigError` with every problem found; never returns a partial config.
     """
     path = path or default_config_path()
+    return parse_config(_parse_yaml(_read_text(path), path))
+
+
+def load_sections(
+    path: Path | None, sections: Sequence[str], *, unreadable_ok: bool = False
+) -> tuple[Config, list[str]]:
+    """The lenient read for local commands (``status``, ``jobs``, ``logs``, ``audit``,
+    ``gpus``): only the top-level keys in ``sections`` are taken from the file and
+    validated; every other key keeps its default.
+
+    Returns that config and the problems found elsewhere in the file, for a note (a
+    token file with mode 0644 must not send ``status`` to the wrong port). With
+    ``unreadable_ok``, a file that does not exist or cannot be read (a non-root user,
+    ``/etc/cloudbender-agent`` being 0700) gives the defaults and that one problem.
+    Raises :class:`ConfigError` when the file is not valid YAML, when a section the
+    command needs is invalid, or when it cannot be read and not ``unreadable_ok``.
+    The config returned is for that command only; never hand it to the daemon.
+    """
+    path = path or default_config_path()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
+    except ConfigError as exc:
+        if not unreadable_ok:
+            raise
+        return parse_config({}), exc.problems
+    data = _parse_yaml(text, path)
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError([f"(top level): must be a mapping of keys, not {type(data).__name__}"])
+    data = data or {}
+    config = parse_config({key: data[key] for key in sections if key in data})
+    try:
+        parse_config(data)
+    except ConfigError as exc:
+        return config, exc.problems
+    return config, []
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{path}: config file does not exist"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot be read: {exc}"]) from exc
+
+
+def _parse_yaml(text: str, path: Path) -> object:
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from exc
-    return parse_config(data)

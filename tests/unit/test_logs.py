@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 
 import pytest
 import structlog
@@ -96,3 +97,70 @@ def test_console_lines_escape_control_characters_from_peers() -> None:
     assert "Traceback (most recent call last):\n" in text  # tracebacks keep their lines
     assert "bye\\x1b[1A\\x1b[2K\\u202e" in text
     assert not any(line.startswith("forged_line") for line in text.splitlines())
+
+
+def test_json_mode_renders_library_lines_as_json_too() -> None:
+    """Attack (on the operator's pipeline): in json mode a library's line (websockets,
+    docker, urllib3, asyncio) was printed as `WARNING websockets.client: ...`, so a log
+    shipper that parses every journal line as JSON dropped or choked on it, and a
+    traceback from a library spread over lines that were not JSON either."""
+    stream = io.StringIO()
+    logs.configure("debug", "json", stream=stream)
+    structlog.get_logger("t").info("agent_line", job_id="j1")
+    logging.getLogger("websockets.client").debug("> GET %s HTTP/1.1", "/agent/v1")
+    logging.getLogger("urllib3.connectionpool").warning("Retrying (%d)", 3)
+    try:
+        raise ConnectionRefusedError("engine said no\nsecond line")
+    except ConnectionRefusedError:
+        logging.getLogger("docker.api").exception("call failed")
+    lines = stream.getvalue().splitlines()
+    events = [json.loads(line) for line in lines]  # every line, not only most
+    assert len(events) == 4, lines
+    by_event = {e["event"]: e for e in events}
+    assert by_event["> GET /agent/v1 HTTP/1.1"]["logger"] == "websockets.client"
+    assert by_event["> GET /agent/v1 HTTP/1.1"]["level"] == "debug"
+    assert by_event["Retrying (3)"]["level"] == "warning"
+    failed = by_event["call failed"]
+    assert failed["level"] == "error" and failed["logger"] == "docker.api"
+    assert "ConnectionRefusedError: engine said no" in failed["exception"]
+    assert all("timestamp" in e for e in events)
+
+
+def test_library_lines_stay_quiet_below_warning_unless_debugging() -> None:
+    stream = io.StringIO()
+    logs.configure("info", "json", stream=stream)
+    logging.getLogger("websockets.client").info("= connection is CONNECTING")
+    logging.getLogger("docker.api").warning("engine slow")
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [e["event"] for e in events] == ["engine slow"]
+
+
+def test_console_mode_leaves_out_keys_without_a_value() -> None:
+    """Attack (on the operator's attention): console lines were padded with `error=None
+    exit_code=None`, noise that hid the fields that did say something."""
+    stream = io.StringIO()
+    logs.configure("info", "console", stream=stream)
+    structlog.get_logger("t").info("job_finished", job_id="j1", error=None, exit_code=0)
+    text = stream.getvalue()
+    assert "job_finished" in text and "exit_code=0" in text and "job_id='j1'" in text
+    assert "None" not in text and "error" not in text, text
+    json_stream = io.StringIO()
+    logs.configure("info", "json", stream=json_stream)
+    structlog.get_logger("t").info("job_finished", error=None)
+    assert json.loads(json_stream.getvalue())["error"] is None  # JSON keeps its fields
+
+
+def test_a_crash_is_one_json_line_too() -> None:
+    """Attack (on the site's log pipeline): an unexpected exception that ended the process
+    printed Python's multi-line traceback, the one event an operator most needs, as lines
+    a JSON collector could not parse."""
+    stream = io.StringIO()
+    logs.configure("info", "json", stream=stream)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+    (line,) = stream.getvalue().splitlines()
+    event = json.loads(line)
+    assert (event["event"], event["level"]) == ("crashed", "critical")
+    assert "RuntimeError: boom" in event["exception"]
