@@ -67,6 +67,13 @@ def _sent(e: Mapping[str, Any]) -> str:
     return f"{e.get('path')} {_size(e.get('size'))} {_short(e.get('sha256'))}"
 
 
+def _resent(e: Mapping[str, Any]) -> str:
+    start, end = e.get("start"), e.get("end")
+    if not isinstance(start, int) or not isinstance(end, int):
+        return f"{e.get('path')} bytes ? again ({e.get('why')})"
+    return f"{e.get('path')} bytes {start}-{end - 1} again, {_size(end - start)} ({e.get('why')})"
+
+
 def _accepted(e: Mapping[str, Any]) -> str:
     return f"{e.get('files')} file(s), {_size(e.get('total_bytes'))}"
 
@@ -90,9 +97,55 @@ _FACTS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "job_assigned": _assigned,
     "container_started": _started,
     "result_file_sent": _sent,
+    "result_range_resent": _resent,
     "result_accepted": _accepted,
     "job_ended": _ended,
 }
+
+
+class Egress:
+    """What left the site for one job, added up from its entries as they stream by.
+
+    Each file counts once, at its size, however many ``result_file_sent`` an agent
+    older than ``result_range_resent`` wrote for it; ``result_range_resent`` ranges
+    count apart, as bytes sent again. Their sum is what left, at most (docs/audit.md).
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[str, tuple[int, object]] = {}
+        self._records: dict[str, int] = {}
+        self._again: dict[str, list[tuple[int, int, object]]] = {}
+
+    def add(self, entry: Mapping[str, Any]) -> None:
+        path = str(entry.get("path"))
+        if entry.get("kind") == "result_file_sent" and isinstance(entry.get("size"), int):
+            self._files.setdefault(path, (entry["size"], entry.get("sha256")))
+            self._records[path] = self._records.get(path, 0) + 1
+        elif entry.get("kind") == "result_range_resent":
+            start, end = entry.get("start"), entry.get("end")
+            if isinstance(start, int) and isinstance(end, int) and end > start:
+                self._again.setdefault(path, []).append((start, end, entry.get("why")))
+
+    def lines(self, job_id: str) -> list[str]:
+        """A blank line, the job's totals, then one line per file (escaped)."""
+        once = sum(size for size, _ in self._files.values())
+        again = sum(end - start for ranges in self._again.values() for start, end, _ in ranges)
+        if not self._files and not again:
+            return ["", escape(f"job {job_id}: no result bytes left this site")]
+        head = (
+            f"job {job_id}: {len(self._files)} result file(s), {_size(once)} sent once, "
+            f"{_size(again)} sent again, at most {_size(once + again)} left this site"
+        )
+        out = ["", escape(head)]
+        for path in sorted(self._files.keys() | self._again.keys()):
+            size, digest = self._files.get(path, (None, None))
+            text = f"  {path}  {_size(size)} {_short(digest)}"
+            if self._records.get(path, 0) > 1:
+                text += f", recorded {self._records[path]} times by an older agent"
+            for start, end, why in self._again.get(path, []):
+                text += f"; again bytes {start}-{end - 1} ({why})"
+            out.append(escape(text))
+        return out
 
 
 def render_entry(entry: Mapping[str, Any]) -> str:
@@ -131,15 +184,23 @@ def verify_json(result: VerifyResult) -> str:
 
 def show(ledger: Path, job_id: str | None, *, as_json: bool) -> None:
     """Print the entries (only ``job_id``'s when given), or say on stderr that there are
-    none. Raises :class:`AuditError` or ``OSError`` from :func:`read`."""
+    none. With ``job_id`` and not ``as_json``, end with what left for that job
+    (:class:`Egress`). Raises :class:`AuditError` or ``OSError`` from :func:`read`."""
     if not ledger.exists():
         print(f"audit ledger {ledger}: no entries yet", file=sys.stderr)
         return
     shown = 0
+    # With --job, a person also gets the bytes that left, added up (scripts add up --json).
+    egress = Egress() if job_id is not None and not as_json else None
     try:
-        for line in render_entries(read(ledger, job_id), as_json=as_json):
-            print(line)
+        for entry in read(ledger, job_id):
+            if egress is not None:
+                egress.add(entry)
+            print(next(iter(render_entries([entry], as_json=as_json))))
             shown += 1
+        if egress is not None and shown:
+            for line in egress.lines(str(job_id)):
+                print(line)
         sys.stdout.flush()
     except BrokenPipeError:
         # `audit | head` closed the pipe: not an error. Point stdout at /dev/null so the

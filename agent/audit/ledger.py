@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -50,6 +50,7 @@ from agent.audit.chain import (
     line_hash,
     parse,
 )
+from agent.audit.egress import RESENT, SENT, SentIndex, check_range, check_result_path, check_sha256
 from agent.errors import AgentError
 
 log = structlog.get_logger(__name__)
@@ -58,7 +59,6 @@ FILENAME = "audit.jsonl"
 _KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # The config's rule for datastore names: a name can never be mistaken for a host path.
 _DATASTORE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def ledger_path(state_dir: Path) -> Path:
@@ -85,6 +85,9 @@ class AuditLedger:
     def __init__(self, path: Path, anchor: Anchor | None = None) -> None:
         self.path = path
         self._lock = threading.Lock()
+        # Orders "which files are recorded?" with the append that records the others.
+        self._results_lock = threading.Lock()
+        self._sent = SentIndex()
         self._anchor = anchor
         self._seq, self._prev, self._size = 0, GENESIS, 0  # set from the file by _open
         try:
@@ -145,6 +148,8 @@ class AuditLedger:
             self._write(self._fd, data, seq)
             self._save_anchor(self._fd, seq, prev)
             self._seq, self._prev, self._size = seq, prev, self._size + len(data)
+            for entry in entries:
+                self._sent.note(entry)
             # Logged under the lock so that the log's order is the ledger's: the last
             # audit_entry shipped off-box is the head to check the file against.
             for entry, digest in zip(entries, hashes, strict=True):
@@ -168,7 +173,7 @@ class AuditLedger:
         """The job was accepted. ``datastore`` is the configured name, never its path."""
         if datastore is not None and not _DATASTORE.fullmatch(datastore):
             raise ValueError(f"datastore {datastore!r} is not a datastore name")
-        _check_sha256("model_sha256", model_sha256, optional=True)
+        check_sha256("model_sha256", model_sha256, optional=True)
         return self.append(
             "job_assigned",
             job_id,
@@ -187,26 +192,56 @@ class AuditLedger:
             "container_started", job_id, container_id=container_id, isolation=dict(isolation)
         )
 
-    def result_file_sent(self, job_id: str, path: str, size: int, sha256: str) -> dict[str, Any]:
-        """One result file went to the control plane. ``path`` is relative to the job's
-        output directory: ``ValueError`` for an absolute path or one with ``..``."""
-        return self.result_files_sent(job_id, [(path, size, sha256)])[0]
+    def result_file_sent(
+        self, job_id: str, path: str, size: int, sha256: str
+    ) -> dict[str, Any] | None:
+        """:meth:`result_files_sent` for one file: its entry, ``None`` if already recorded."""
+        return next(iter(self.result_files_sent(job_id, [(path, size, sha256)])), None)
 
     def result_files_sent(
         self, job_id: str, files: Sequence[tuple[str, int, str]]
     ) -> list[dict[str, Any]]:
-        """``result_file_sent`` for each ``(path, size, sha256)``, with one fsync."""
+        """``result_file_sent`` for each ``(path, size, sha256)`` not yet recorded for the
+        job (:mod:`agent.audit.egress`), with one fsync; returns the entries written.
+        Idempotent: a file is recorded once per job, however often it is sent. ``path``
+        is relative to the job's output directory: ``ValueError`` otherwise."""
         for path, size, sha in files:
-            parts = PurePosixPath(path).parts
-            if not parts or path.startswith("/") or ".." in parts or "\\" in path:
-                raise ValueError(f"result path {path!r} is not relative to the output directory")
+            check_result_path(path)
             if size < 0:
                 raise ValueError(f"result size {size} is negative")
-            _check_sha256("sha256", sha)
+            check_sha256("sha256", sha)
+        with self._results_lock:
+            known = set(self.result_files_recorded(job_id))
+            items: list[tuple[str, str | None, Mapping[str, Any]]] = []
+            for p, size, sha in files:
+                if p not in known:
+                    known.add(p)
+                    items.append((SENT, job_id, {"path": p, "size": size, "sha256": sha}))
+            return self.append_many(items)
+
+    def result_files_recorded(self, job_id: str) -> frozenset[str]:
+        """The result paths already recorded as sent for ``job_id`` (since its last
+        ``job_assigned``). Reads the file once for a job this process has not seen
+        assigned (one re-adopted after a restart). Raises :class:`AuditError`."""
+        with self._lock:
+            if self._fd is None:
+                raise AuditError(f"audit ledger {self.path} is closed")
+            return self._sent.recorded(self.path, job_id)
+
+    def result_ranges_resent(
+        self, job_id: str, ranges: Sequence[tuple[str, int, int, str]]
+    ) -> list[dict[str, Any]]:
+        """``result_range_resent`` for each ``(path, start, end, why)``, with one fsync:
+        bytes ``start <= b < end`` of a file already recorded leave again. Write it
+        before those bytes go. ``ValueError`` for a bad path, an empty range or an
+        unknown ``why`` (:data:`agent.audit.egress.RESEND_CAUSES`)."""
+        for path, start, end, why in ranges:
+            check_result_path(path)
+            check_range(start, end, why)
         return self.append_many(
             [
-                ("result_file_sent", job_id, {"path": p, "size": size, "sha256": sha})
-                for p, size, sha in files
+                (RESENT, job_id, {"path": p, "start": start, "end": end, "why": why})
+                for p, start, end, why in ranges
             ]
         )
 
@@ -353,13 +388,6 @@ class AuditLedger:
                 "the file aside to start a new ledger"
             )
         return int(entry["seq"]), line_hash(line), size
-
-
-def _check_sha256(name: str, value: str | None, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if value is None or not _SHA256.fullmatch(value.removeprefix("sha256:")):
-        raise ValueError(f"{name} {value!r} is not a sha256 hex digest")
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -71,13 +71,8 @@ def build_jobs(
     except AuditError as exc:
         raise StoreError(f"audit ledger: {exc}") from exc
     spool = Spool(state_dir / "spool")
-    uploader = Uploader(
-        uplink,
-        spool,
-        before_send=lambda mf: audit.result_files_sent(
-            mf.job_id, [(f.path, f.size, f.sha256) for f in mf.files]
-        ),
-    )
+    # The uploader records each file once and every resent range before the bytes go.
+    uploader = Uploader(uplink, spool, ledger=audit)
     fetcher = ArtifactFetcher(uplink, state_dir / "artifacts")
     try:
         models = ModelCache(state_dir / "models", first.models.cache_max_mib, fetcher)

@@ -7,14 +7,22 @@ One :meth:`Uploader.deliver` per job: ``result.manifest`` → ``result.resume`` 
 ``result.end`` again; the third rejection fails the job). If the session drops at
 any step, the upload starts again at the manifest after the next ``welcome``, and
 ``result.resume`` lets it skip what the control plane already holds.
+
+Nothing is sent that was not recorded first (docs/audit.md): before the first byte of a
+job, each of its files not yet in the ledger gets ``result_file_sent`` (once per job,
+also across agent restarts); before bytes that may already have left go again (a
+resume below what was sent, a restart in the middle, a rejected file), the range gets
+``result_range_resent``. The uploader keeps, per file, the high-water mark of what it
+handed to the socket; a file recorded by an earlier run of the agent counts as sent
+whole, since how far that run got is unknown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import structlog
 
@@ -44,18 +52,35 @@ class _SessionLost(Exception):
     pass
 
 
+class EgressLedger(Protocol):
+    """Where the uploader records what is about to leave (:class:`agent.audit.AuditLedger`).
+
+    Each call returns once the record is durable, and raises an :class:`AgentError`
+    when it cannot be made so: the upload then fails and sends nothing more.
+    """
+
+    def result_files_recorded(self, job_id: str) -> frozenset[str]:
+        """The paths of the job already recorded as sent."""
+        ...
+
+    def result_files_sent(
+        self, job_id: str, files: Sequence[tuple[str, int, str]]
+    ) -> Sequence[object]:
+        """Record ``(path, size, sha256)`` of each file not yet recorded for the job."""
+        ...
+
+    def result_ranges_resent(
+        self, job_id: str, ranges: Sequence[tuple[str, int, int, str]]
+    ) -> Sequence[object]:
+        """Record ``(path, start, end, why)``: those bytes leave again."""
+        ...
+
+
 class Uploader:
-    def __init__(
-        self,
-        uplink: Uplink,
-        spool: Spool,
-        before_send: Callable[[Manifest], object] | None = None,
-    ) -> None:
+    def __init__(self, uplink: Uplink, spool: Spool, ledger: EgressLedger | None = None) -> None:
         self._uplink = uplink
         self._spool = spool
-        # Called once per job before any byte of it leaves (the audit ledger's
-        # result_file_sent entries): nothing is sent that was not recorded first.
-        self._before_send = before_send
+        self._ledger = ledger
         self._inboxes: dict[str, asyncio.Queue[ResultMessage]] = {}
 
     def route(self, message: m.Incoming) -> bool:
@@ -77,13 +102,14 @@ class Uploader:
         """Return once the control plane accepted every file. Raises :class:`UploadFailed`."""
         inbox: asyncio.Queue[ResultMessage] = asyncio.Queue()
         self._inboxes[manifest.job_id] = inbox
-        if self._before_send is not None:
-            await asyncio.to_thread(self._before_send, manifest)
         rejections = 0
         try:
+            high = await asyncio.to_thread(self._record_files, manifest)
+            why = "agent_restarted"  # only files an earlier run recorded have a high-water mark
             while True:
-                await self._uplink.wait_connected()
-                attempt = _Attempt(self, manifest, inbox)
+                generation = await self._uplink.wait_connected()
+                attempt = _Attempt(self, manifest, inbox, high, why, generation)
+                why = "session_lost"
                 try:
                     rejections = await attempt.run(rejections)
                     return
@@ -91,11 +117,29 @@ class Uploader:
                     log.info("result_upload_interrupted", job_id=manifest.job_id)
                     # A send can fail before the connection has noticed its own end:
                     # wait for that session to be gone, or this loop would spin on it.
-                    await self._uplink.wait_disconnected()
+                    # A newer session may already be up; waiting for its end would stall
+                    # the upload for as long as it lasts.
+                    if self._uplink.generation == generation:
+                        await self._uplink.wait_disconnected()
                     while not inbox.empty():  # what the old session said is void
                         inbox.get_nowait()
         finally:
             self._inboxes.pop(manifest.job_id, None)
+
+    def _record_files(self, manifest: Manifest) -> list[int]:
+        """Record the files not recorded yet; their high-water marks (see module doc)."""
+        files = manifest.files
+        if self._ledger is None:
+            return [0] * len(files)
+        earlier = self._ledger.result_files_recorded(manifest.job_id)
+        self._ledger.result_files_sent(
+            manifest.job_id, [(f.path, f.size, f.sha256) for f in files if f.path not in earlier]
+        )
+        return [f.size if f.path in earlier else 0 for f in files]
+
+    async def _record_resends(self, job_id: str, ranges: list[tuple[str, int, int, str]]) -> None:
+        if ranges and self._ledger is not None:
+            await asyncio.to_thread(self._ledger.result_ranges_resent, job_id, ranges)
 
 
 class _Attempt:
@@ -106,11 +150,19 @@ class _Attempt:
         uploader: Uploader,
         manifest: Manifest,
         inbox: asyncio.Queue[ResultMessage],
+        high: list[int],
+        why: str,
+        generation: int,
     ) -> None:
         self._up = uploader
         self._manifest = manifest
         self._inbox = inbox
         self._job_id = manifest.job_id
+        # Per file, the end of what any attempt of this delivery handed to the socket
+        # (shared across attempts): bytes below it may have left already.
+        self._high = high
+        self._why = why
+        self._generation = generation
         self._sent_to = [0] * len(manifest.files)
         self._acked = [0] * len(manifest.files)
         self._unacked = 0  # Σ sent_to - acked, kept as it changes (files may be many)
@@ -123,6 +175,14 @@ class _Attempt:
             return rejections
         for file, offset in zip(self._manifest.files, offsets, strict=True):
             self._acked[file.index] = self._sent_to[file.index] = offset
+        await self._up._record_resends(
+            self._job_id,
+            [
+                (f.path, o, min(self._high[f.index], f.size), self._why)
+                for f, o in zip(self._manifest.files, offsets, strict=True)
+                if o < min(self._high[f.index], f.size)
+            ],
+        )
         for file in self._manifest.files:
             await self._send_file(file, offsets[file.index])
         await self._send({"type": "result.end", "job_id": self._job_id})
@@ -146,6 +206,9 @@ class _Attempt:
                     file = self._manifest.files[message.file]
                     self._unacked -= self._sent_to[file.index] - self._acked[file.index]
                     self._acked[file.index] = self._sent_to[file.index] = 0
+                    if self._high[file.index] > 0:
+                        resent = (file.path, 0, self._high[file.index], "rejected")
+                        await self._up._record_resends(self._job_id, [resent])
                     await self._send_file(file, 0)
                 await self._send({"type": "result.end", "job_id": self._job_id})
 
@@ -182,6 +245,8 @@ class _Attempt:
                     "file": file.index,
                     "offset": offset,
                 }
+                # Raised before the send: bytes of a send that fails may have left too.
+                self._high[file.index] = max(self._high[file.index], offset + n)
                 if not await self._up._uplink.send_binary(header, payload):
                     raise _SessionLost
                 crash_point("upload.chunk_sent")
@@ -199,6 +264,8 @@ class _Attempt:
 
     async def _next(self) -> ResultMessage:
         """The next message for this upload; acks are applied on the way."""
+        if self._up._uplink.generation != self._generation:
+            raise _SessionLost  # ended and replaced while no one was waiting on it
         lost = asyncio.ensure_future(self._up._uplink.wait_disconnected())
         get = asyncio.ensure_future(self._inbox.get())
         try:

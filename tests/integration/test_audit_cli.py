@@ -68,7 +68,12 @@ def test_audit_job_shows_only_that_job(config: Path, ledger: Path) -> None:
     proc = _audit(config, "--job", "job-2")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert len(lines) == 7 and all("job-2" in line for line in lines)
+    assert len(lines) == 7 + 5 and all("job-2" in line for line in lines[:7])
+    assert lines[7:9] == [
+        "",
+        "job job-2: 3 result file(s), 3003 bytes sent once, 0 bytes sent again, "
+        "at most 3003 bytes left this site",
+    ]
     none = _audit(config, "--job", "job-9")
     assert (none.returncode, none.stdout) == (0, "")
     assert "no entries for job job-9" in none.stderr
@@ -215,3 +220,32 @@ def test_reset_anchor_lets_a_new_ledger_start_on_purpose(config: Path, tmp_path:
         assert writer.head[0] == 0
         one_job(writer, "job-2")
     assert _audit(config, "--verify").stdout.startswith("OK: 7 entries")
+
+
+def test_audit_job_adds_up_each_file_once_and_resent_ranges_apart(
+    config: Path, tmp_path: Path
+) -> None:
+    """Attack (accounting): a 400 MB result resumed after a restart was listed twice, and
+    an auditor could not tell whether 400 or 800 MB left. `audit --job` adds each file
+    once and the bytes sent again apart, also for a ledger an older agent wrote with a
+    duplicate `result_file_sent`."""
+    big = 400 * 1000 * 1000
+    with AuditLedger(ledger_path(tmp_path / "state")) as writer:
+        writer.job_assigned("job-1", "busybox", None, None, "vitals")
+        writer.result_files_sent("job-1", [("a.bin", big, "a" * 64), ("b.csv", 10, "b" * 64)])
+        writer.result_ranges_resent("job-1", [("a.bin", 100, 1100, "session_lost")])
+        writer.append("result_file_sent", "job-1", path="a.bin", size=big, sha256="a" * 64)
+        writer.job_ended("job-1", "succeeded", None, 0)
+    proc = _audit(config, "--job", "job-1")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "result_range_resent" in lines[3] and "a.bin bytes 100-1099 again" in lines[3]
+    assert lines[-3] == (
+        "job job-1: 2 result file(s), 400000010 bytes sent once, 1000 bytes sent again, "
+        "at most 400001010 bytes left this site"
+    )
+    assert lines[-2].startswith("  a.bin  400000000 bytes sha256:aaaaaaaaaaaa…")
+    assert "recorded 2 times" in lines[-2] and "again bytes 100-1099 (session_lost)" in lines[-2]
+    assert lines[-1] == "  b.csv  10 bytes sha256:bbbbbbbbbbbb…"
+    as_json = _audit(config, "--json", "--job", "job-1")  # scripts get the lines as they are
+    assert len(as_json.stdout.splitlines()) == 6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import itertools
@@ -18,6 +19,11 @@ from structlog.testing import capture_logs
 
 from agent.audit import GENESIS, AuditError, AuditLedger, ledger_path, read, verify
 from agent.auditcmd import render_entry
+from agent.jobs.uplink import Uplink
+from agent.protocol import messages as m
+from agent.results.scan import ResultFile
+from agent.results.spool import Manifest, Spool
+from agent.results.uploader import Uploader
 
 IMAGE = "registry.example.com/provider/model:1.2"
 DIGEST = "sha256:" + "1" * 64
@@ -352,3 +358,204 @@ def test_a_result_name_or_image_ref_cannot_move_the_cursor_in_the_view(path: Pat
     assert "\\x1b[1A\\x1b[2K" in lines[0] and "\\x1b[1A\\x1b[2K" in lines[1]
     assert "job-1\\u202e" in lines[2] and "reason\\n" in lines[2]
     assert next(read(path))["image_ref"] == f"evil{csi}registry/ok:1"  # recorded as it was
+
+
+# --- result egress: each file once per job, resends as byte ranges --------------------
+
+
+def _sent_kinds(path: Path, job_id: str) -> list[tuple[str, str]]:
+    return [
+        (e["kind"], e["path"])
+        for e in read(path, job_id)
+        if e["kind"] in ("result_file_sent", "result_range_resent")
+    ]
+
+
+def test_a_file_is_recorded_once_per_job_even_after_a_restart(path: Path) -> None:
+    """Attack (accounting): an upload resumed after an agent restart wrote a second
+    `result_file_sent` for the same file, so an auditor adding up the ledger counted
+    800 MB where 400 MB left. A file is recorded once per job, across restarts."""
+    files = [("out/a.bin", 400_000_000, "a" * 64), ("out/b.csv", 10, "b" * 64)]
+    with AuditLedger(path) as ledger:
+        ledger.job_assigned("job-1", IMAGE, DIGEST, MODEL, "vitals")
+        assert len(ledger.result_files_sent("job-1", files)) == 2
+        assert ledger.result_files_sent("job-1", files) == []  # the same delivery again
+    with AuditLedger(path) as ledger:  # restarted: the job is known only from the file
+        assert ledger.result_files_recorded("job-1") == {"out/a.bin", "out/b.csv"}
+        assert ledger.result_files_sent("job-1", [*files, ("out/c", 1, "c" * 64)]) != []
+        assert ledger.result_file_sent("job-1", "out/a.bin", 400_000_000, "a" * 64) is None
+        ledger.job_assigned("job-1", IMAGE, DIGEST, MODEL, "vitals")  # a new run of the id
+        assert ledger.result_files_recorded("job-1") == frozenset()
+    assert _sent_kinds(path, "job-1") == [
+        ("result_file_sent", "out/a.bin"),
+        ("result_file_sent", "out/b.csv"),
+        ("result_file_sent", "out/c"),
+    ]
+    assert verify(path).ok
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "why"), [(5, 5, "session_lost"), (-1, 3, "rejected"), (0, 3, "because")]
+)
+def test_a_resent_range_must_be_a_range_with_a_cause(
+    path: Path, start: int, end: int, why: str
+) -> None:
+    with AuditLedger(path) as ledger, pytest.raises(ValueError):
+        ledger.result_ranges_resent("job-1", [("out/a.bin", start, end, why)])
+    assert path.read_bytes() == b""
+
+
+class _FakeSession:
+    """A control plane on the other end of the uploader: holds what it received, drops
+    the session once after ``drop_after`` payload bytes (that chunk is lost), rejects
+    ``reject`` once, and checks every chunk against the ledger as it arrives."""
+
+    def __init__(self, ledger: Path, uploader: Any, uplink: Any, sizes: list[int]) -> None:
+        self.ledger, self.uploader, self.uplink = ledger, uploader, uplink
+        self.held = [0] * len(sizes)
+        self.seen = [0] * len(sizes)  # the highest byte of each file that ever arrived
+        self.received = 0
+        self.drop_after: int | None = None
+        self.reject: int | None = None
+        self.holes: list[str] = []
+
+    async def send(self, message: dict[str, Any]) -> None:
+        job = message["job_id"]
+        if message["type"] == "result.manifest":
+            reply: Any = m.ResultResume(type="result.resume", job_id=job, offsets=self.held)
+        elif self.reject is not None:
+            reply = m.ResultRejected(
+                type="result.rejected", job_id=job, file=self.reject, code="checksum_mismatch"
+            )
+            self.held[self.reject], self.reject = 0, None
+        else:
+            reply = m.ResultAccepted(type="result.accepted", job_id=job)
+        asyncio.get_running_loop().call_soon(self.uploader.route, reply)
+
+    async def send_binary(self, header: dict[str, Any], payload: bytes | memoryview) -> None:
+        index, offset, n = header["file"], header["offset"], len(payload)
+        self._check_recorded(header["job_id"], index, offset, offset + n)
+        self.seen[index] = max(self.seen[index], offset + n)
+        self.received += n
+        if self.drop_after is not None and self.received >= self.drop_after:
+            self.drop_after = None
+            # Back before the uploader notices: it must not wait for this new session's end.
+            self.uplink.detach()
+            self.uplink.attach(self)
+            raise ConnectionError("dropped")
+        self.held[index] = offset + n
+        ack = m.ResultAck(type="result.ack", job_id=header["job_id"], file=index, offset=offset + n)
+        asyncio.get_running_loop().call_soon(self.uploader.route, ack)
+
+    def _check_recorded(self, job_id: str, index: int, start: int, end: int) -> None:
+        entries = list(read(self.ledger, job_id))
+        name = f"f{index}"
+        if not any(e["kind"] == "result_file_sent" and e["path"] == name for e in entries):
+            self.holes.append(f"{name} sent before it was recorded")
+        again = min(end, self.seen[index])
+        covered = [
+            (e["start"], e["end"])
+            for e in entries
+            if e["kind"] == "result_range_resent" and e["path"] == name
+        ]
+        if start < again and not any(s <= start and again <= e for s, e in covered):
+            self.holes.append(f"{name} bytes {start}-{again - 1} sent again unrecorded")
+
+
+def _deliver(
+    tmp_path: Path,
+    sizes: list[int],
+    *,
+    held: list[int] | None = None,
+    restarted: bool = False,
+    drop_after: int | None = None,
+    reject: int | None = None,
+) -> tuple[_FakeSession, Path]:
+    """Spool ``sizes`` for job-1 (once) and deliver them to a :class:`_FakeSession`
+    holding ``held``. ``restarted``: a second run of the agent (no new job_assigned; the
+    control plane saw every byte before)."""
+    spool = Spool(tmp_path / "spool")
+    files = []
+    for i, size in enumerate(sizes):
+        target = spool.file_path("job-1", i)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(os.urandom(size))
+        data = target.read_bytes()
+        files.append(ResultFile(i, f"f{i}", size, hashlib.sha256(data).hexdigest()))
+    path = ledger_path(tmp_path)
+
+    async def main() -> _FakeSession:
+        uplink = Uplink()
+        with AuditLedger(path) as ledger:
+            if not restarted:
+                ledger.job_assigned("job-1", IMAGE, DIGEST, MODEL, "vitals")
+            uploader = Uploader(uplink, spool, ledger=ledger)
+            session = _FakeSession(path, uploader, uplink, sizes)
+            session.drop_after, session.reject = drop_after, reject
+            if held is not None:
+                session.held = list(held)
+            if restarted:
+                session.seen = list(sizes)
+            uplink.attach(session)
+            await asyncio.wait_for(uploader.deliver(Manifest("job-1", tuple(files))), 30)
+        return session
+
+    return asyncio.run(main()), path
+
+
+MIB = 1024 * 1024
+
+
+def test_a_dropped_session_records_the_resent_range_before_it_goes(tmp_path: Path) -> None:
+    """Attack (accounting): the session dropped mid-upload and the agent sent the bytes
+    the control plane had not kept a second time without a word in the ledger, so more
+    left than it showed. Each file stays recorded once; the range sent again is recorded
+    as `result_range_resent`, before those bytes go."""
+    session, path = _deliver(tmp_path, [3 * MIB + 7, 100], drop_after=2 * MIB + 1)
+    assert session.holes == []
+    assert _sent_kinds(path, "job-1") == [
+        ("result_file_sent", "f0"),
+        ("result_file_sent", "f1"),
+        ("result_range_resent", "f0"),
+    ]
+    (resent,) = [e for e in read(path, "job-1") if e["kind"] == "result_range_resent"]
+    # The third chunk was lost with the session: exactly it left twice.
+    assert (resent["start"], resent["end"], resent["why"]) == (2 * MIB, 3 * MIB, "session_lost")
+
+
+def test_a_rejected_file_is_recorded_as_resent_whole(tmp_path: Path) -> None:
+    """Attack (accounting): a file the control plane rejected went again from byte 0 with
+    no entry, so the ledger showed half of what left."""
+    session, path = _deliver(tmp_path, [10, MIB + 1], reject=1)
+    assert session.holes == []
+    resent = [
+        (e["path"], e["start"], e["end"], e["why"])
+        for e in read(path, "job-1")
+        if e["kind"] == "result_range_resent"
+    ]
+    assert resent == [("f1", 0, MIB + 1, "rejected")]
+    assert [k for k, _ in _sent_kinds(path, "job-1")].count("result_file_sent") == 2
+
+
+def test_a_delivery_after_a_restart_records_no_file_twice(tmp_path: Path) -> None:
+    """Attack (accounting): the agent restarted mid-upload and the next run wrote a second
+    `result_file_sent` per file, doubling the bytes an auditor counts. It writes none, and
+    records what it sends again, to the end of each file (how far the last run got is
+    not known)."""
+    _deliver(tmp_path, [MIB, 5])
+    session, path = _deliver(tmp_path, [MIB, 5], held=[MIB // 2, 0], restarted=True)
+    assert session.holes == []
+    assert [k for k, _ in _sent_kinds(path, "job-1")] == [
+        "result_file_sent",
+        "result_file_sent",
+        "result_range_resent",
+        "result_range_resent",
+    ]
+    resent = [
+        (e["path"], e["start"], e["end"], e["why"])
+        for e in read(path, "job-1")
+        if e["kind"] == "result_range_resent"
+    ]
+    assert resent == [("f0", MIB // 2, MIB, "agent_restarted"), ("f1", 0, 5, "agent_restarted")]
+    assert verify(path).ok
