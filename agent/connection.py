@@ -185,7 +185,7 @@ class Connection:
             await asyncio.sleep(delay)
 
     async def _connect_once(self) -> None:
-        ws = await self._dial()
+        ws = await dial(self._config, self._user_agent)
         try:
             await self._run_session(ws)
         except asyncio.CancelledError:
@@ -206,48 +206,6 @@ class Connection:
         finally:
             if ws.state is not State.CLOSED:
                 ws.transport.abort()
-
-    async def _dial(self) -> ClientConnection:
-        config = self._config
-        try:
-            token = read_token(config.token_file)
-            tls = None
-            if config.scheme == "wss":
-                tls = client_context(
-                    ca_file=config.ca_file,
-                    client_cert=config.client_cert,
-                    client_key=config.client_key,
-                )
-        except (TokenFileError, TlsSettingError) as exc:
-            raise Ended(Cause.LOCAL, detail=str(exc)) from exc
-        logs.redact(token)
-        try:
-            return await _NoRedirects(
-                config.url,
-                subprotocols=[Subprotocol(SUBPROTOCOL)],
-                additional_headers={"Authorization": f"Bearer {token}"},
-                user_agent_header=self._user_agent,
-                proxy=proxy_for(config.url),
-                ssl=tls,
-                compression=None,  # results are bulk bytes; deflate costs CPU, saves little
-                open_timeout=OPEN_TIMEOUT_S,
-                ping_interval=KEEPALIVE_S,
-                ping_timeout=KEEPALIVE_S,
-                close_timeout=CLOSE_TIMEOUT_S,
-                max_size=MAX_INCOMING_FRAME,  # docs/protocol.md §1, the whole frame
-            )
-        except InvalidStatus as exc:
-            raise Ended(Cause.HTTP_STATUS, http_status=exc.response.status_code) from exc
-        except InvalidHandshake as exc:
-            # Only the type: the text of some (InvalidHeaderValue) quotes the headers sent.
-            detail = f"handshake failed ({type(exc).__name__})"
-            raise Ended(Cause.UNREACHABLE, detail=detail) from exc
-        except (OSError, TimeoutError) as exc:
-            raise Ended(Cause.UNREACHABLE, detail=dial_failure_words(exc)) from exc
-        except (InvalidURI, InvalidProxy, ValueError) as exc:
-            # A bad proxy setting in the environment, or a URL websockets will not dial.
-            detail = f"cannot dial ({type(exc).__name__})"
-            raise Ended(Cause.LOCAL, detail=detail) from exc
 
     # -- one session ----------------------------------------------------------------------
 
@@ -370,6 +328,52 @@ class Connection:
                 return
             for frame in session.data_to_send():
                 await ws.send(frame)
+
+
+async def dial(
+    config: ControlPlaneConfig, user_agent: str, *, open_timeout_s: float = OPEN_TIMEOUT_S
+) -> ClientConnection:
+    """Open the WebSocket (TCP, TLS, the upgrade with the token), send nothing; raises
+    :class:`Ended`. ``doctor`` dials alone: a ``hello`` would replace a running agent (4409)."""
+    try:
+        token = read_token(config.token_file)
+        tls = None
+        if config.scheme == "wss":
+            tls = client_context(
+                ca_file=config.ca_file,
+                client_cert=config.client_cert,
+                client_key=config.client_key,
+            )
+    except (TokenFileError, TlsSettingError) as exc:
+        raise Ended(Cause.LOCAL, detail=str(exc)) from exc
+    logs.redact(token)
+    try:
+        return await _NoRedirects(
+            config.url,
+            subprotocols=[Subprotocol(SUBPROTOCOL)],
+            additional_headers={"Authorization": f"Bearer {token}"},
+            user_agent_header=user_agent,
+            proxy=proxy_for(config.url),
+            ssl=tls,
+            compression=None,  # results are bulk bytes; deflate costs CPU, saves little
+            open_timeout=open_timeout_s,
+            ping_interval=KEEPALIVE_S,
+            ping_timeout=KEEPALIVE_S,
+            close_timeout=CLOSE_TIMEOUT_S,
+            max_size=MAX_INCOMING_FRAME,  # docs/protocol.md §1, the whole frame
+        )
+    except InvalidStatus as exc:
+        raise Ended(Cause.HTTP_STATUS, http_status=exc.response.status_code) from exc
+    except InvalidHandshake as exc:
+        # Only the type: the text of some (InvalidHeaderValue) quotes the headers sent.
+        detail = f"handshake failed ({type(exc).__name__})"
+        raise Ended(Cause.UNREACHABLE, detail=detail) from exc
+    except (OSError, TimeoutError) as exc:
+        raise Ended(Cause.UNREACHABLE, detail=dial_failure_words(exc)) from exc
+    except (InvalidURI, InvalidProxy, ValueError) as exc:
+        # A bad proxy setting in the environment, or a URL websockets will not dial.
+        detail = f"cannot dial ({type(exc).__name__})"
+        raise Ended(Cause.LOCAL, detail=detail) from exc
 
 
 async def _close(ws: ClientConnection, code: int, reason: str, within_s: float) -> None:
