@@ -35,6 +35,7 @@ from agent.errors import (
 from agent.faults import crash_point
 from agent.jobs.admission import Admitted
 from agent.jobs.gpus import GpuLeases
+from agent.jobs.joblogs import JobLogs
 from agent.jobs.model import FAILURE_REASONS, State
 from agent.jobs.outputfs import OutputVolumes
 from agent.models.cache import ModelCache
@@ -102,6 +103,7 @@ class RunnerContext:
     models: ModelCache | None = None
     audit: AuditLedger | None = None
     on_container: Callable[[str, str, tuple[str, ...]], None] | None = None
+    job_logs: JobLogs | None = None  # the tail of each job's output, kept before removal
     pull_timeout_s: float = 1800.0
 
 
@@ -202,7 +204,8 @@ class JobRunner:
             raise JobEnded(State.FAILED, "container_error") from exc
         if self._ctx.on_container is not None:
             self._ctx.on_container(self.job_id, self.container_id, self.gpus)
-        self._check_cancelled()
+        if self.cancel_requested.is_set():
+            raise JobEnded(State.CANCELLED, "cancel_requested")
         try:
             await asyncio.to_thread(self._ctx.runtime.start, self.container_id)
         except ContainerRuntimeError as exc:
@@ -364,10 +367,6 @@ class JobRunner:
             return work.result()
         raise JobEnded(State.CANCELLED, "cancel_requested")
 
-    def _check_cancelled(self) -> None:
-        if self.cancel_requested.is_set():
-            raise JobEnded(State.CANCELLED, "cancel_requested")
-
     def _release(self) -> None:
         """Give back what only this process holds (GPUs, the model): safe before the
         end is recorded, since a restart rebuilds both from the store and the engine."""
@@ -377,12 +376,14 @@ class JobRunner:
         self._ctx.resources_changed.fire()
 
     async def _cleanup(self) -> None:
-        """Remove the container and the output. Runs only after the end is recorded: a
-        kill before then finds both and judges the job again (never ``container_lost``
-        for a container that exited 0). Idempotent; logs what it cannot do."""
-        if self.container_id is not None:
+        """Keep the output's tail (``logs JOB``), remove the container and the output.
+        Only after the end is recorded: a kill before then finds both and judges the job
+        again (never ``container_lost`` for one that exited 0). Idempotent; logs errors."""
+        if (cid := self.container_id) is not None:
+            if (logs := self._ctx.job_logs) is not None:
+                await asyncio.to_thread(logs.capture, self._ctx.runtime, self.job_id, cid)
             try:
-                await asyncio.to_thread(self._ctx.runtime.remove, self.container_id)
+                await asyncio.to_thread(self._ctx.runtime.remove, cid)
             except ContainerRuntimeError as exc:
                 log.error("container_remove_failed", job_id=self.job_id, error=str(exc))
         await self._remove_output()

@@ -16,6 +16,7 @@ from agent.config import Config
 from agent.errors import ModelStorageError
 from agent.gpu.base import GpuInventory
 from agent.jobs.gpus import GpuLeases
+from agent.jobs.joblogs import JobLogs, logs_dir
 from agent.jobs.manager import JobManager
 from agent.jobs.outputfs import OutputVolumes
 from agent.jobs.runner import RunnerContext, Signal
@@ -96,6 +97,7 @@ def build_jobs(
         ),
         models=models,
         audit=audit,
+        job_logs=JobLogs(logs_dir(state_dir), lambda: config().logging.job_log_tail_kib * 1024),
     )
     manager = JobManager(
         config=config,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError
+from agent.jobs.joblogs import logs_dir, remove_logs
 from agent.jobs.model import State
 
 REMEMBER_S = 7 * 24 * 3600
@@ -101,6 +102,7 @@ def _row(row: sqlite3.Row) -> JobRecord:
 
 class JobStore:
     def __init__(self, path: Path) -> None:
+        self._path = path
         self._db = _connect(path, SCHEMA)
         self._db.row_factory = sqlite3.Row
 
@@ -159,16 +161,25 @@ class JobStore:
         return [_row(r) for r in rows]
 
     def forget_old(self, now: float | None = None) -> int:
-        """Drop acknowledged jobs that ended more than 7 days ago; return how many."""
+        """Drop acknowledged jobs that ended more than 7 days ago, and their kept logs
+        (``<state_dir>/logs``, next to the store); return how many."""
         cutoff = (time.time() if now is None else now) - REMEMBER_S
         try:
             with self._db:
-                cursor = self._db.execute(
+                ids = [
+                    str(r[0])
+                    for r in self._db.execute(
+                        "SELECT job_id FROM jobs WHERE acked_at IS NOT NULL AND ended_at < ?",
+                        (cutoff,),
+                    )
+                ]
+                self._db.execute(
                     "DELETE FROM jobs WHERE acked_at IS NOT NULL AND ended_at < ?", (cutoff,)
                 )
         except sqlite3.Error as exc:
             raise StoreError(f"job store write failed: {exc}") from exc
-        return int(cursor.rowcount)
+        remove_logs(logs_dir(self._path.parent), ids)
+        return len(ids)
 
     def writable(self) -> bool:
         """A cheap write probe for health: False when the database refuses writes."""
@@ -266,6 +277,39 @@ def read_audit_anchor(path: Path) -> tuple[int, str] | None:
             "SELECT 1 FROM sqlite_master WHERE type='table' AND name='audit_anchor'"
         ).fetchone()
         return _anchor_row(db) if exists else None
+    except sqlite3.Error as exc:
+        raise StoreError(f"job store {path} cannot be read: {exc}") from exc
+    finally:
+        db.close()
+
+
+def read_history(
+    path: Path, *, since: float | None = None, state: str | None = None
+) -> list[JobRecord]:
+    """Every job in the store at ``path``, read-only, oldest first (``jobs --all``).
+
+    ``since``: only jobs not ended before then (still running, or ended at or after it);
+    ``state``: only jobs in that state. Ended jobs stay at least :data:`REMEMBER_S`.
+    An empty list when there is no store (the command must not create one). Raises
+    :class:`StoreError` when the store exists but cannot be read (``PermissionError``
+    included: it is root's).
+    """
+    if not path.exists():
+        return []
+    # Fixed SQL, values bound: a NULL filter matches every row.
+    sql = (
+        "SELECT * FROM jobs WHERE (? IS NULL OR ended_at IS NULL OR ended_at >= ?) "
+        "AND (? IS NULL OR state = ?) ORDER BY created_at, job_id"
+    )
+    args = (since, since, state, state)
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise StoreError(f"job store {path} cannot be opened: {exc}") from exc
+    try:
+        db.row_factory = sqlite3.Row
+        rows = db.execute(sql, args).fetchall()
+        return [_row(r) for r in rows]
     except sqlite3.Error as exc:
         raise StoreError(f"job store {path} cannot be read: {exc}") from exc
     finally:

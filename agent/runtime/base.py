@@ -231,6 +231,13 @@ class Runtime(Protocol):
         """
         ...
 
+    def logs(self, container_id: str, max_bytes: int) -> bytes:
+        """The last ``max_bytes`` (at most) of the container's stdout and stderr,
+        interleaved as the engine kept them. The bytes are the job's, hostile: escape
+        before printing. Raises :class:`~agent.errors.ContainerNotFound` or
+        :class:`~agent.errors.ContainerRuntimeError`."""
+        ...
+
     def applied_isolation(self, container_id: str) -> dict[str, Any]:
         """The isolation settings as the engine reports them, JSON-ready, for the audit
         ledger. Holds no host path."""

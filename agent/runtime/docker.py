@@ -267,6 +267,15 @@ class DockerRuntime:
         states = (self.inspect(str(c["Id"])) for c in found)
         return [s for s in states if s is not None]  # removed in between: gone
 
+    def logs(self, container_id: str, max_bytes: int) -> bytes:
+        with _engine(f"reading the logs of container {container_id[:12]}"):
+            # Every line is at least one byte, so the last max_bytes lines hold the last
+            # max_bytes bytes; the engine keeps at most 2 x 1 MiB anyway (spec.LOG_OPTS).
+            data = self._client().api.logs(
+                container_id, stdout=True, stderr=True, tail=max(max_bytes, 1), stream=False
+            )
+        return bytes(data)[-max_bytes:] if max_bytes > 0 else b""
+
     def applied_isolation(self, container_id: str) -> dict[str, Any]:
         return isolation_summary(self._attrs(container_id))
 
