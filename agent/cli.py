@@ -15,95 +15,18 @@ what they need (``status``, ``jobs``: ``health``; ``gpus``: ``gpus``; ``audit``:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent import __version__
+from agent.cliparser import build_parser
 from agent.config import Config, default_config_path, load_config
 from agent.config.loading import load_sections
 from agent.errors import ConfigError, DaemonUnreachable, StateDirError
 
 EX_OK, EX_FAIL, EX_NOT_RUNNING, EX_CONFIG = 0, 1, 3, 78
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cloudbender-agent",
-        description="Node agent for federated inference: runs a provider's model container "
-        "next to this site's data and sends back only the result files.",
-        epilog="run and check-config validate the whole config and exit 78 on any problem. "
-        "The local commands read only what they need (status, jobs: health; gpus: gpus; "
-        "audit: state_dir), so a problem elsewhere, such as a token file's mode, is a note "
-        "on stderr; status, jobs and gpus use the defaults when the file cannot be read.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "--config",
-            type=Path,
-            default=None,
-            help="config file (default: $CLOUDBENDER_AGENT_CONFIG or "
-            "/etc/cloudbender-agent/config.yaml)",
-        )
-        return p
-
-    with_config(sub.add_parser("run", help="run the daemon in the foreground (systemd runs this)"))
-    with_config(
-        sub.add_parser("check-config", help="validate the config; exit 78 listing every problem")
-    )
-    gpus = with_config(sub.add_parser("gpus", help="this machine's GPUs as NVML reports them"))
-    gpus.add_argument("--json", action="store_true", help="machine-readable output")
-    status = with_config(sub.add_parser("status", help="ask the running daemon how the node is"))
-    status.add_argument("--json", action="store_true", help="the daemon's /status document")
-    status.add_argument(
-        "--address", metavar="HOST:PORT", help="health server address (default: health.listen)"
-    )
-    jobs = with_config(sub.add_parser("jobs", help="jobs known to the running daemon"))
-    jobs.add_argument("--json", action="store_true", help="machine-readable output")
-    jobs.add_argument(
-        "--address", metavar="HOST:PORT", help="health server address (default: health.listen)"
-    )
-    audit = with_config(sub.add_parser("audit", help="the egress ledger: what left this site"))
-    audit.add_argument("--job", metavar="ID", help="only this job's entries")
-    audit.add_argument("--json", action="store_true", help="JSON lines, as in the ledger")
-    audit.add_argument(
-        "--verify",
-        action="store_true",
-        help="check the hash chain, and that no entry the job store counted is missing; "
-        "exit 1 if not",
-    )
-    audit.add_argument(
-        "--reset-anchor",
-        action="store_true",
-        help="forget the job store's record of the ledger's head, so that the agent starts "
-        "a new ledger after one was lost (stop the agent first; see docs/audit.md)",
-    )
-    demo = sub.add_parser(
-        "demo",
-        help="run one real inference job end to end on this machine (root, Docker; "
-        "see docs/demo.md)",
-    )
-    demo.add_argument(
-        "--keep",
-        action="store_true",
-        help="leave the agent and control plane running until Ctrl-C, to try status, jobs, audit",
-    )
-    demo.add_argument(
-        "--seed", type=int, default=7, help="seed of the synthetic dataset (default: 7)"
-    )
-    demo.add_argument(
-        "--workdir",
-        type=Path,
-        default=None,
-        help="where to put everything (default: a new /tmp/cloudbender-demo-* directory)",
-    )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,18 +49,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
             return _run(args.config)
         if args.command == "check-config":
             return _check_config(args.config)
+        if args.command == "doctor":
+            return _doctor(args.config, args.unit)
         if args.command == "gpus":
             return _gpus(args.config, as_json=args.json)
         if args.command == "status":
             return _status(args.config, args.address, as_json=args.json)
+        if args.command == "jobs" and (args.all or args.state or args.since):
+            return _jobs_all(args.config, args.state, args.since, as_json=args.json)
         if args.command == "jobs":
             return _jobs(args.config, args.address, as_json=args.json)
+        if args.command == "logs":
+            return _logs(args.config, args.job, args.tail)
         if args.command == "audit":
             if args.reset_anchor:
                 return _audit_reset_anchor(args.config)
@@ -191,7 +120,38 @@ def _check_config(path: Path | None) -> int:
         f"{where}: OK (node {config.node.id}, control plane {cp}, "
         f"{len(config.datastores)} datastore(s))"
     )
+    _warn_unreadable_datastores(config)
+    _warn_host_limits(config)
     return EX_OK
+
+
+def _warn_host_limits(config: Config) -> None:
+    # Settings this machine will not honour as written (issue 12, check-config slice):
+    # warnings, so the exit code stays 0; `run` logs the same ones.
+    from agent.config.host_warnings import host_warnings
+
+    for line in host_warnings(config):
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def _warn_unreadable_datastores(config: Config) -> None:
+    # A warning, not a problem: the exit code stays 0. A file the job user cannot read
+    # is skipped by the job, which then "succeeds" on part of the data.
+    from agent.datastore_access import check_readable, describe
+
+    for store in config.datastores:
+        found = check_readable(store.path, config.runtime.job_user)
+        if found.checked and not found.ok:
+            line = describe(store.name, store.path, found, config.runtime.job_user)
+            print(f"warning: {line} (run `cloudbender-agent doctor` for the fix)", file=sys.stderr)
+
+
+def _doctor(path: Path | None, unit: Path | None) -> int:
+    from agent.doctor import run_doctor
+    from agent.logs import configure
+
+    configure(level="warning", fmt="console", stream=sys.stderr)  # the report is stdout's
+    return EX_OK if run_doctor(path, sys.stdout, unit=unit) else EX_FAIL
 
 
 def _local_config(
@@ -237,10 +197,73 @@ def _health_address(path: Path | None, address: str | None) -> str:
 
 
 def _jobs(path: Path | None, address: str | None, *, as_json: bool) -> int:
+    import time
+
+    from agent.historycmd import recent_rows
+    from agent.jobs.store import StoreError, read_history, store_path
     from agent.statuscmd import fetch_status, render_jobs
 
     jobs = fetch_status(_health_address(path, address)).get("jobs") or []
+    # The daemon shows jobs until their job.ack; the store adds those acknowledged in
+    # the last hour, so a failure does not vanish the moment the control plane saw it.
+    now = time.time()
+    state_dir = _local_config(path, ["state_dir"], unreadable_ok=True).state_dir
+    try:
+        records = read_history(store_path(state_dir), since=now - 3600)
+        jobs += recent_rows(records, {str(j.get("job_id")) for j in jobs}, now)
+    except StoreError:
+        print("note: jobs acknowledged by the control plane: `jobs --all` as root", file=sys.stderr)
     print(json.dumps(jobs, indent=2, sort_keys=True) if as_json else render_jobs(jobs))
+    return EX_OK
+
+
+def _jobs_all(path: Path | None, state: str | None, since: str | None, *, as_json: bool) -> int:
+    import time
+
+    from agent.audit import AuditError, ledger_path
+    from agent.historycmd import bytes_sent, history_row, parse_since, render_history
+    from agent.jobs.store import StoreError, read_history, store_path
+
+    state_dir = _local_config(path, ["state_dir"]).state_dir
+    now = time.time()
+    try:
+        after = parse_since(since, now) if since is not None else None
+    except ValueError as exc:
+        print(f"cloudbender-agent: {exc}", file=sys.stderr)
+        return EX_FAIL
+    try:
+        records = read_history(store_path(state_dir), since=after, state=state)
+        sent = bytes_sent(ledger_path(state_dir))
+    except (StoreError, AuditError) as exc:
+        print(f"cloudbender-agent: {exc}", file=sys.stderr)
+        return EX_FAIL
+    except OSError as exc:
+        print(f"cloudbender-agent: {exc}", file=sys.stderr)
+        return EX_FAIL
+    rows = [history_row(r, sent, now) for r in records]
+    print(json.dumps(rows, indent=2, sort_keys=True) if as_json else render_history(rows))
+    return EX_OK
+
+
+def _logs(path: Path | None, job: str, tail: int | None) -> int:
+    from agent.jobs.joblogs import logs_dir, read_log, render_log
+    from agent.paths import UnsafeName
+
+    state_dir = _local_config(path, ["state_dir"]).state_dir
+    try:
+        data = read_log(logs_dir(state_dir), job)
+    except (OSError, UnsafeName) as exc:
+        print(f"cloudbender-agent: cannot read the log of that job: {exc}", file=sys.stderr)
+        return EX_FAIL
+    if data is None:
+        print(
+            "cloudbender-agent: no log kept for that job (it never had a container, has not "
+            "ended yet, or was forgotten after 7 days)",
+            file=sys.stderr,
+        )
+        return EX_FAIL
+    for line in render_log(data, tail):
+        print(line)
     return EX_OK
 
 

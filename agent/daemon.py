@@ -32,6 +32,7 @@ import structlog
 
 from agent import __version__, inventory, logs
 from agent.config import Config, ControlPlaneConfig, load_config
+from agent.config.host_warnings import host_warnings
 from agent.connection import Connection
 from agent.errors import AgentError, HealthServerError
 from agent.gpu.base import GpuBackend, GpuInventory, mark_allocatable
@@ -381,6 +382,8 @@ def serve(
     """
     os.umask(0o077)
     logs.configure(config.logging.level, config.logging.format)
+    for line in host_warnings(config):  # what check-config prints as a warning
+        log.warning("config_warning", problem=line)
     notifier = Notifier()
     daemon = Daemon(config, gpu=gpu, notifier=notifier, runtime=runtime, config_path=config_path)
     try:

@@ -18,6 +18,7 @@ Errors name the file and what is wrong with it, never any of its content.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -39,17 +40,61 @@ class TokenFileError(AgentError):
 
 def read_token(path: Path) -> str:
     """The token in ``path``. Raises :class:`TokenFileError` (never quoting the content)."""
+    st, data = _read(path)
+    _check_mode(path, st)
+    return _token_in(path, data)
+
+
+def token_file_problems(path: Path) -> list[TokenFileError]:
+    """Every problem with the token file at once, for ``check-config``: its mode *and*
+    its content (a 0644 file holding a short token is two fixes, not one then another).
+
+    A file this user may not read (``check-config`` run as another user than the
+    agent's) has its mode checked only; the daemon checks the content at every dial.
+    Idempotent; raises nothing.
+    """
+    try:
+        st, data = _read(path)
+    except TokenFileError as exc:
+        if exc.errno != errno.EACCES:
+            return [exc]
+        try:
+            st, data = os.stat(path), None
+        except OSError:
+            return []
+    problems = []
+    try:
+        _check_mode(path, st)
+    except TokenFileError as exc:
+        problems.append(exc)
+    if data is not None:
+        try:
+            _token_in(path, data)
+        except TokenFileError as exc:
+            problems.append(exc)
+    return problems
+
+
+def _read(path: Path) -> tuple[os.stat_result, bytes]:
+    """The file's status, checked on the open descriptor, and up to one byte more than
+    :data:`MAX_TOKEN_FILE`. Raises :class:`TokenFileError`, without reading, for a file
+    that cannot be opened or is not a regular file."""
     try:
         # O_NONBLOCK: opening a FIFO put in the token file's place must not hang the agent;
-        # it has no effect on the regular file that _check_mode then insists on.
+        # it has no effect on the regular file insisted on below.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as file:
-            _check_mode(path, os.fstat(fd))
-            data = file.read(MAX_TOKEN_FILE + 1)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise TokenFileError(f"{path} is not a regular file")
+            return st, file.read(MAX_TOKEN_FILE + 1)
     except FileNotFoundError as exc:
         raise TokenFileError(f"{path} does not exist", exc.errno) from None
     except OSError as exc:
         raise TokenFileError(f"{path} cannot be read: {exc.strerror}", exc.errno) from None
+
+
+def _token_in(path: Path, data: bytes) -> str:
     if len(data) > MAX_TOKEN_FILE:
         raise TokenFileError(f"{path} is larger than {MAX_TOKEN_FILE} bytes")
     return check_token(path, data)
@@ -72,7 +117,7 @@ def check_token(path: Path, data: bytes) -> str:
 
 def _check_mode(path: Path, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
-        raise TokenFileError(f"{path} is not a regular file")
+        raise TokenFileError(f"{path} is not a regular file")  # os.stat follows links too
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077:
         raise TokenFileError(

@@ -6,19 +6,20 @@ handed only its own slice. Every problem is collected before anything is reporte
 offending value (``datastores[0].path: /srv/x does not exist``).
 
 Validation is pydantic in strict mode: no silent coercion (``"30"`` is not ``30``),
-unknown keys are errors at every level. Rules that need the file system or the network
-policy (datastore paths, token file permissions, ``ws://`` and the health listener's
-address) run as validators too, so they are reported together with type errors.
+unknown keys are errors at every level; ``messages`` puts its errors in the project's
+words. Rules that need the file system or the network policy (datastore paths, token
+file permissions, ``ws://`` and the health listener's address) run as validators too,
+and a duplicate YAML key is one more problem, so all are reported together.
 """
 
 from agent.config.loading import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
     default_config_path,
-    format_location,
     load_config,
     parse_config,
 )
+from agent.config.messages import format_location
 from agent.config.models import (
     Config,
     ControlPlaneConfig,

@@ -1,8 +1,9 @@
-"""Reading the YAML file: duplicate keys refused, every problem named by its key."""
+"""Reading the YAML file: every problem named by its key, duplicate keys among them."""
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from agent.config.messages import describe_errors, format_location
 from agent.config.models import Config
 from agent.errors import ConfigError
 
@@ -17,56 +19,39 @@ DEFAULT_CONFIG_PATH = Path("/etc/cloudbender-agent/config.yaml")
 CONFIG_ENV = "CLOUDBENDER_AGENT_CONFIG"
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that refuses duplicate keys instead of keeping the last one."""
+def duplicate_keys(node: yaml.Node | None) -> list[str]:
+    """A problem line for each key written more than once in the same mapping.
 
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    mapping: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node)
-        if key in mapping:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        mapping[key] = loader.construct_object(value_node)
-    return mapping
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,
-)
-
-
-def format_location(loc: tuple[int | str, ...]) -> str:
-    """``("datastores", 0, "path")`` → ``"datastores[0].path"``."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else part
-    return out or "(top level)"
-
-
-def _describe(error: Mapping[str, Any]) -> str:
-    loc = tuple(p for p in error["loc"] if not str(p).startswith("function-"))
-    # Strict unions report each alternative; the key is what a person needs.
-    loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith(("literal[", "tuple["))))
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        return f"{format_location(loc)}: unknown key"
-    if kind == "missing":
-        return f"{format_location(loc)}: required key is missing"
-    message = str(error["msg"])
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
-    value = error.get("input")
-    if kind.endswith("_type") and not isinstance(value, dict | list):
-        message += f" (got {type(value).__name__} {value!r})"
-    return f"{format_location(loc)}: {message}"
+    Found on the parsed node tree, before anything is built from it, so that the rest of
+    the file is still validated and every other problem reported with it (the loader
+    keeps the last value of a repeated key, as YAML libraries do). Aliases are walked
+    once: a node reached twice is the same node.
+    """
+    problems: list[tuple[int, str]] = []
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, tuple[int | str, ...]]] = [] if node is None else [(node, ())]
+    while stack:
+        current, loc = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, yaml.SequenceNode):
+            stack += [(item, (*loc, i)) for i, item in enumerate(current.value)]
+        elif isinstance(current, yaml.MappingNode):
+            lines: dict[tuple[str, str], list[int]] = {}
+            for key_node, value_node in current.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                lines.setdefault((key_node.tag, key_node.value), []).append(
+                    key_node.start_mark.line + 1
+                )
+                stack.append((value_node, (*loc, str(key_node.value))))
+            for (_tag, key), where in lines.items():
+                if len(where) > 1:
+                    listed = ", ".join(map(str, where[:-1])) + f" and {where[-1]}"
+                    line = f"{format_location((*loc, key))}: duplicate key (lines {listed}); "
+                    problems.append((where[0], line + "keep one of them"))
+    return [line for _first, line in sorted(problems)]
 
 
 def _duplicate_datastores(data: Mapping[str, Any]) -> list[str]:
@@ -90,24 +75,27 @@ def _duplicate_datastores(data: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def parse_config(data: object) -> Config:
-    """Validate already-parsed YAML. Raises :class:`ConfigError` listing every problem."""
+def parse_config(data: object, *, problems: Sequence[str] = ()) -> Config:
+    """Validate already-parsed YAML. Raises :class:`ConfigError` listing every problem.
+
+    ``problems`` are ones already found in the file (duplicate keys): listed first, and
+    the file is still validated so that they hide nothing.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError([f"(top level): must be a mapping of keys, not {type(data).__name__}"])
-    problems: list[str] = []
+        raise ConfigError(
+            [*problems, f"(top level): must be a mapping of keys, not {type(data).__name__}"]
+        )
+    found = list(problems)
     config: Config | None = None
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        for error in exc.errors():
-            line = _describe(error)
-            if line not in problems:
-                problems.append(line)
-    problems += _duplicate_datastores(data)
-    if problems or config is None:
-        raise ConfigError(problems)
+        found += describe_errors(exc.errors())
+    found += _duplicate_datastores(data)
+    if found or config is None:
+        raise ConfigError(found)
     return config
 
 
@@ -121,7 +109,8 @@ def load_config(path: Path | None = None) -> Config:
     Raises :class:`ConfigError` with every problem found; never returns a partial config.
     """
     path = path or default_config_path()
-    return parse_config(_parse_yaml(_read_text(path), path))
+    data, duplicates = _parse_yaml(_read_text(path), path)
+    return parse_config(data, problems=duplicates)
 
 
 def load_sections(
@@ -146,13 +135,15 @@ def load_sections(
         if not unreadable_ok:
             raise
         return parse_config({}), exc.problems
-    data = _parse_yaml(text, path)
+    data, duplicates = _parse_yaml(text, path)
     if data is not None and not isinstance(data, dict):
         raise ConfigError([f"(top level): must be a mapping of keys, not {type(data).__name__}"])
     data = data or {}
-    config = parse_config({key: data[key] for key in sections if key in data})
+    # A key repeated inside a section the command reads makes that section ambiguous.
+    mine = [line for line in duplicates if re.split(r"[.\[:]", line, maxsplit=1)[0] in sections]
+    config = parse_config({key: data[key] for key in sections if key in data}, problems=mine)
     try:
-        parse_config(data)
+        parse_config(data, problems=duplicates)
     except ConfigError as exc:
         return config, exc.problems
     return config, []
@@ -167,11 +158,17 @@ def _read_text(path: Path) -> str:
         raise ConfigError([f"{path}: cannot be read: {exc}"]) from exc
 
 
-def _parse_yaml(text: str, path: Path) -> object:
+def _parse_yaml(text: str, path: Path) -> tuple[object, list[str]]:
+    """The file's data, and a problem line per duplicate key (see :func:`duplicate_keys`)."""
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+        return data, duplicate_keys(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from exc
+    finally:
+        loader.dispose()

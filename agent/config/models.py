@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import socket
 import stat
@@ -21,7 +20,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from agent import tls
-from agent.token_file import TokenFileError, read_token
+from agent.token_file import token_file_problems
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -36,6 +35,20 @@ class _Section(BaseModel):
 
 def _problem(kind: str, message: str, **ctx: Any) -> PydanticCustomError:
     return PydanticCustomError(kind, message, ctx)
+
+
+def _problems(messages: list[str]) -> PydanticCustomError:
+    """Several problems with one key, each reported on its own line with the key."""
+    return PydanticCustomError(
+        "several_problems", "{joined}", {"joined": "; ".join(messages), "problems": messages}
+    )
+
+
+def _collect(found: list[str], check: Callable[[], object]) -> None:
+    try:
+        check()
+    except PydanticCustomError as exc:
+        found.append(exc.message())
 
 
 def is_loopback_host(host: str) -> bool:
@@ -141,14 +154,9 @@ class ControlPlaneConfig(_Section):
     @field_validator("token_file")
     @classmethod
     def _check_token_file(cls, value: Path) -> Path:
-        _require_private_file(value, "token file")
-        try:
-            read_token(value)
-        except TokenFileError as exc:
-            # check-config run as another user than the agent's cannot read the file;
-            # the daemon checks the content at every dial.
-            if exc.errno != errno.EACCES:
-                raise _problem("token_invalid", "{why}", why=str(exc)) from None
+        problems = token_file_problems(value)
+        if problems:
+            raise _problems([str(problem) for problem in problems])
         return value
 
     @field_validator("ca_file")
@@ -172,21 +180,22 @@ class ControlPlaneConfig(_Section):
     @field_validator("client_key")
     @classmethod
     def _check_client_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # A key readable by others that also does not match is two fixes: both are said.
+        found: list[str] = []
         if value is not None:
             _require_wss("client_key", info)
-            _require_private_file(value, "client key")
-        if "client_cert" not in info.data:
-            return value  # client_cert is invalid, and reported as such
-        cert = info.data["client_cert"]
-        if cert is None:
-            if value is not None:
-                raise _problem(
-                    "key_without_cert",
+            _collect(found, lambda: _require_private_file(value, "client key"))
+        if "client_cert" in info.data:  # else client_cert is invalid, and reported as such
+            cert = info.data["client_cert"]
+            if cert is None and value is not None:
+                found.append(
                     "is set without control_plane.client_cert (a PEM holding both the "
-                    "certificate and the key may be given as client_cert alone)",
+                    "certificate and the key may be given as client_cert alone)"
                 )
-            return value
-        _tls_check(lambda path: tls.check_key_pair(path, value), cert)
+            elif cert is not None:
+                _collect(found, lambda: _tls_check(lambda p: tls.check_key_pair(p, value), cert))
+        if found:
+            raise _problems(found)
         return value
 
     @property
@@ -321,6 +330,8 @@ class HealthConfig(_Section):
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
+    # The tail of each job's own stdout/stderr kept on the node for `logs JOB` (KiB).
+    job_log_tail_kib: int = Field(default=64, ge=0, le=2048)
 
 
 class Config(_Section):

@@ -58,16 +58,26 @@ def _set(config: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
     [
         ("node.colour", "red", "node.colour", "unknown key"),
         ("surprise", 1, "surprise", "unknown key"),
-        ("limits.max_concurrent_jobs", "2", "limits.max_concurrent_jobs", "valid integer"),
-        ("health.allow_remote", "yes", "health.allow_remote", "valid boolean"),
-        ("runtime.allowed_images", "registry/*", "runtime.allowed_images", "valid tuple"),
-        ("limits.max_concurrent_jobs", 0, "limits.max_concurrent_jobs", "greater than 0"),
-        ("limits.pids", -5, "limits.pids", "greater than 0"),
-        ("results.max_bytes", 0, "results.max_bytes", "greater than 0"),
-        ("models.cache_max_mib", 0, "models.cache_max_mib", "greater than 0"),
-        ("runtime.stop_grace_s", 0, "runtime.stop_grace_s", "greater than 0"),
+        (
+            "limits.max_concurrent_jobs",
+            "2",
+            "limits.max_concurrent_jobs",
+            'expected a whole number, got the string "2" (write it without quotes)',
+        ),
+        ("health.allow_remote", "yes", "health.allow_remote", "expected true or false"),
+        (
+            "runtime.allowed_images",
+            "registry/*",
+            "runtime.allowed_images",
+            "expected a list of image patterns, got a string",
+        ),
+        ("limits.max_concurrent_jobs", 0, "limits.max_concurrent_jobs", "must be 1 or more, got 0"),
+        ("limits.pids", -5, "limits.pids", "must be 1 or more, got -5"),
+        ("results.max_bytes", 0, "results.max_bytes", "must be 1 or more"),
+        ("models.cache_max_mib", 0, "models.cache_max_mib", "must be 1 or more"),
+        ("runtime.stop_grace_s", 0, "runtime.stop_grace_s", "must be 1 or more"),
         ("runtime.job_user", "0:0", "runtime.job_user", "root"),
-        ("logging.format", "xml", "logging.format", "'json' or 'console'"),
+        ("logging.format", "xml", "logging.format", "expected one of json or console"),
         (
             "control_plane.url",
             "ws://cp.example.com/agent/v1",
@@ -176,7 +186,57 @@ def test_duplicate_yaml_key_is_an_error(tmp_path: Path, capsys: pytest.CaptureFi
     path = tmp_path / "dup.yaml"
     path.write_text("limits:\n  pids: 10\nlimits:\n  pids: 20\n")
     assert main(["check-config", "--config", str(path)]) == 78
-    assert "duplicate key 'limits'" in capsys.readouterr().err
+    assert "  limits: duplicate key (lines 1 and 3); keep one of them" in capsys.readouterr().err
+
+
+def test_a_duplicate_key_hides_no_other_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Attack (on the administrator's time): a repeated key stopped validation at the
+    parser, so each fix-and-rerun showed one more problem that was there all along."""
+    config = valid_config(tmp_path)
+    config["limits"] = {"max_concurrent_jobs": 0}
+    config["node"]["colour"] = "red"
+    config["datastores"][0]["path"] = "/nowhere"
+    Path(config["control_plane"]["token_file"]).chmod(0o644)
+    path = tmp_path / "config.yaml"
+    text = yaml.safe_dump(config, sort_keys=False)
+    path.write_text(text + "logging:\n  level: debug\n")  # the second `logging`
+    assert main(["check-config", "--config", str(path)]) == 78
+    err = capsys.readouterr().err
+    assert "5 problems" in err, err
+    for key in (
+        "logging: duplicate key",
+        "node.colour: unknown key",
+        "control_plane.token_file:",
+        "datastores[0].path: /nowhere does not exist",
+        "limits.max_concurrent_jobs: must be 1 or more",
+    ):
+        assert f"  {key}" in err, err
+
+
+def test_a_local_command_refuses_a_duplicate_only_in_what_it_reads(tmp_path: Path) -> None:
+    """Attack (on the operator, by an unrelated mistake): a repeated `limits` key made
+    `status` exit 78, while a repeated `health` key must not send it to either port."""
+    from agent.config.loading import load_sections
+    from agent.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("limits: {pids: 1}\nlimits: {pids: 2}\nhealth: {listen: '127.0.0.1:1'}\n")
+    config, ignored = load_sections(path, ["health"])
+    assert config.health.listen == "127.0.0.1:1"
+    assert ignored == ["limits: duplicate key (lines 1 and 2); keep one of them"]
+    path.write_text("health: {listen: '127.0.0.1:1'}\nhealth: {listen: '127.0.0.1:2'}\n")
+    with pytest.raises(ConfigError, match="health: duplicate key"):
+        load_sections(path, ["health"])
+
+
+def test_a_duplicate_key_in_a_list_item_names_its_place(tmp_path: Path) -> None:
+    from agent.config.loading import _parse_yaml
+
+    text = "datastores:\n  - name: a\n    path: /x\n  - name: b\n    name: c\n"
+    _data, problems = _parse_yaml(text, tmp_path / "c.yaml")
+    assert problems == ["datastores[1].name: duplicate key (lines 4 and 5); keep one of them"]
 
 
 def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -209,6 +269,165 @@ def test_five_problems_reported_at_once(tmp_path: Path) -> None:
         "control_plane.token_file:",
     ):
         assert f"  {key}" in proc.stderr, proc.stderr
+
+
+# -- the project's words ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "line"),
+    [
+        (
+            "limits.max_concurent_jobs",
+            3,
+            "limits.max_concurent_jobs: unknown key; did you mean max_concurrent_jobs?",
+        ),
+        ("runtime.max_cpus", 3, "runtime.max_cpus: unknown key; did you mean limits.max_cpus?"),
+        ("datastore", [], "datastore: unknown key; did you mean datastores?"),
+        ("node.colour", "red", "node.colour: unknown key"),  # nothing near: no guess
+    ],
+)
+def test_an_unknown_key_suggests_the_nearest_known_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, value: Any, line: str
+) -> None:
+    """Attack (on the administrator, by a typo): `max_concurent_jobs` was "unknown key",
+    leaving them to spot the missing letter against the docs."""
+    code, out = check(tmp_path, _set(valid_config(tmp_path), key, value), capsys)
+    assert code == 78
+    assert f"  {line}\n" in out, out
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "line"),
+    [
+        (
+            "runtime.allowed_images",
+            "x/*",
+            "runtime.allowed_images: expected a list of image patterns, got a string",
+        ),
+        (
+            "runtime.allowed_images",
+            ["x/*", 3],
+            "runtime.allowed_images[1]: expected an image pattern (a string), "
+            "got the whole number 3",
+        ),
+        ("gpus.allow", "some", "gpus.allow: expected all, or a list of GPU indexes or UUIDs"),
+        ("gpus.allow", [1.5], "gpus.allow[0]: expected a GPU index or UUID, got the number 1.5"),
+        ("limits", [1], "limits: expected a section: a mapping of keys to values, got a list"),
+        ("limits.max_cpus", 0, "limits.max_cpus: must be at least 0.01, got 0"),
+        ("node.id", "a b", "node.id: must be 1 to 128 letters, digits, '.', '_' or '-'"),
+        ("runtime.job_user", "nobody", "runtime.job_user: must be UID:GID in numbers"),
+        ("health.listen", None, "health.listen: expected a string, got nothing"),
+    ],
+)
+def test_messages_are_in_the_projects_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, value: Any, line: str
+) -> None:
+    """Attack (on the administrator's reading): `Input should be a valid tuple` for a
+    string where a list belongs; a Python type named, not what the key wants."""
+    code, out = check(tmp_path, _set(valid_config(tmp_path), key, value), capsys)
+    assert code == 78
+    assert f"  {line}" in out, out
+    assert "Input should" not in out and "tuple" not in out
+    assert len(out.strip().splitlines()) == 2, out  # one line per problem, union or not
+
+
+def test_a_string_value_is_never_echoed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Attack (on the token): a token pasted as a value where a list belongs was quoted
+    back in the problem line, and so on the terminal and in any pasted support ticket."""
+    secret = "tok-9f8e7d6c5b4a39281706"
+    config = valid_config(tmp_path)
+    config["runtime"] = {"allowed_images": secret, "job_user": secret}
+    config["limits"] = {"max_cpus": secret}
+    code, out = check(tmp_path, config, capsys)
+    assert code == 78
+    assert secret not in out
+    assert out.count("\n  ") == 3, out
+
+
+def test_a_short_token_is_reported_with_a_bad_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Attack (on the administrator's time): a 0644 token file holding a truncated token
+    showed only the mode; after chmod 600 the next run found the token too short."""
+    config = valid_config(tmp_path)
+    token = Path(config["control_plane"]["token_file"])
+    token.write_text("short-token\n")
+    token.chmod(0o644)
+    code, out = check(tmp_path, config, capsys)
+    assert code == 78
+    lines = [ln for ln in out.splitlines() if ln.startswith("  control_plane.token_file:")]
+    assert len(lines) == 2, out
+    assert "(mode 0644)" in lines[0] and "shorter than 16 characters" in lines[1]
+    assert "short-token" not in out
+
+
+def test_a_client_key_readable_by_others_and_not_matching_says_both(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pki: dict[str, Path]
+) -> None:
+    """Attack (on the administrator's time): the same one-at-a-time report for the TLS
+    key: fixing the mode only revealed that the key belongs to another certificate."""
+    key = tmp_path / "b.key"
+    key.write_bytes(pki["b.key"].read_bytes())
+    key.chmod(0o640)
+    code, out = check(tmp_path, _tls(tmp_path, client_cert=pki["a.crt"], client_key=key), capsys)
+    assert code == 78
+    lines = [ln for ln in out.splitlines() if ln.startswith("  control_plane.client_key:")]
+    assert len(lines) == 2, out
+    assert "(mode 0640)" in lines[0] and "does not match" in lines[1]
+
+
+def test_a_cpu_cap_above_the_nodes_cpus_is_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Attack (on the administrator's belief): `limits.max_cpus: 64` on a 4-CPU node
+    passed silently, though no job can ever get more than 4."""
+    from agent.config.host_warnings import node_cpus
+
+    cpus = node_cpus()
+    config = valid_config(tmp_path)
+    config["limits"] = {"max_cpus": cpus + 0.5}
+    code, out = check(tmp_path, config, capsys)
+    assert code == 0, out
+    expected = f"warning: limits.max_cpus: {cpus + 0.5:g} is more than this node's {cpus} CPU(s)"
+    assert expected in out
+    config["limits"] = {"max_cpus": cpus}
+    code, out = check(tmp_path, config, capsys)
+    assert code == 0 and "warning" not in out, out
+
+
+def test_the_default_cpu_cap_is_not_a_warning(tmp_path: Path) -> None:
+    from agent.config.host_warnings import host_warnings
+
+    assert host_warnings(load_config(write_config(tmp_path, valid_config(tmp_path))), cpus=1) == []
+
+
+def test_installed_command_reports_duplicate_and_typo_and_warns(tmp_path: Path) -> None:
+    """Through the installed command, as a person runs it: a duplicate key and a typo are
+    both reported (exit 78); once fixed, a CPU cap too big for the node is a warning on
+    stderr and the exit is 0."""
+    from agent.config.host_warnings import node_cpus
+
+    config = valid_config(tmp_path)
+    config["limits"] = {"max_concurent_jobs": 3}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False) + "logging: {level: debug}\n")
+    exe = shutil.which("cloudbender-agent") or str(
+        Path(sys.executable).parent / "cloudbender-agent"
+    )
+    proc = subprocess.run(
+        [exe, "check-config", "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 78, proc.stderr
+    assert "  logging: duplicate key" in proc.stderr
+    assert "did you mean max_concurrent_jobs?" in proc.stderr
+    config["limits"] = {"max_cpus": node_cpus() + 1}
+    path = write_config(tmp_path, config)
+    proc = subprocess.run(
+        [exe, "check-config", "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: limits.max_cpus:" in proc.stderr and ": OK" in proc.stdout
 
 
 def _keys(model: type[Any], prefix: str = "") -> set[str]:
