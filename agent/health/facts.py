@@ -18,12 +18,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.gpu.base import GpuInventory
+from agent.jobs.tally import JobTally
 from agent.protocol.session import Stats
 from agent.runtime.base import RuntimeInfo
 
 # The loop ticks every LOOP_TICK_S; a loop silent for LOOP_STALL_S is considered hung.
 LOOP_TICK_S = 1.0
 LOOP_STALL_S = 10.0
+
+# Every state of the link, in the order /status and the metrics list them.
+CONTROL_PLANE_STATES = (
+    "not configured",
+    "connecting",
+    "connected",
+    "disconnected",
+    "auth_failed",
+    "replaced",
+    "unsupported_protocol",
+)
 
 
 @dataclass(frozen=True)
@@ -63,9 +75,7 @@ class ControlPlaneFacts:
     """The link to the control plane. Replaced whole on every change."""
 
     configured: bool
-    # "not configured", "connecting", "connected", "disconnected", "auth_failed",
-    # "replaced", "unsupported_protocol"
-    state: str
+    state: str  # one of CONTROL_PLANE_STATES
     # When this state began; while the link is down, when it went down (kept across
     # retries and across the down states: disconnected, auth_failed, …).
     since: float = field(default_factory=time.time)
@@ -106,10 +116,14 @@ class NodeFacts:
     # Messages in and out by type, across sessions; mutated only by the event loop.
     messages: Stats = field(default_factory=Stats)
     runtime: RuntimeInfo | None = None
-    # Unacknowledged jobs as the job manager last published them, and ended-job counts
-    # by (state, reason).
+    # Unacknowledged jobs as the job manager last published them.
     jobs: tuple[dict[str, Any], ...] = ()
-    jobs_ended: dict[tuple[str, str], int] = field(default_factory=dict)
+    # The job manager's counts of ended jobs (its reads are thread-safe); None until
+    # the job system is built.
+    tally: JobTally | None = None
+    # Whether the node takes no new jobs. Nothing sets it yet: it is here so that the
+    # metric exists (0) before `drain` does, and `drain` has one fact to set.
+    draining: bool = False
 
 
 def assess(

@@ -3,37 +3,38 @@
 A custom collector rather than long-lived gauges: a GPU that disappears stops being
 exported instead of lingering with its last value, and a value the hardware cannot
 report (``None``) is left out rather than exported as a made-up number.
+
+Every enum state is a labelled gauge that lists all its states, 1 for the current one
+and 0 for the others (node_exporter's and dcgm-exporter's convention): an alert on
+``cloudbender_control_plane_state{state="connected"} == 0`` needs the series to be
+there, at 0, while the link is down. The agent's own process metrics (``process_*``)
+come from prometheus_client's ProcessCollector on the same registry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
 
-from agent.health.facts import NodeFacts, Problem
+from agent.gpu.base import HEALTH_STATES
+from agent.health.facts import CONTROL_PLANE_STATES, NodeFacts, Problem
+from agent.jobs.model import TERMINAL, State
+from agent.jobs.tally import EMPTY, TallySnapshot
 
 MIB = 1024 * 1024
 GPU_LABELS = ["index", "uuid", "name"]
-HEALTH_STATES = ("ok", "degraded", "lost")
-JOB_STATES = (
-    "accepted",
-    "waiting",
-    "preparing",
-    "running",
-    "uploading",
-    "succeeded",
-    "failed",
-    "cancelled",
-    "timed_out",
-)
+# From the types that define them, so a new state is exported without a change here.
+JOB_STATES = tuple(s.value for s in State)
+TERMINAL_STATES = tuple(s.value for s in State if s in TERMINAL)
 
 
 class AgentCollector(Collector):
@@ -66,13 +67,30 @@ class AgentCollector(Collector):
             "1 when /healthz answers 200, else 0.",
             value=0 if self._assess() else 1,
         )
-        cp = GaugeMetricFamily(
+        yield _enum_gauge(
             "cloudbender_control_plane_state",
-            "Control-plane connection state (1 for the current one).",
-            labels=["state"],
+            "Control-plane link state: 1 for the current one, 0 for the others.",
+            CONTROL_PLANE_STATES,
+            facts.control_plane.state,
         )
-        cp.add_metric([facts.control_plane.state], 1)
-        yield cp
+        if facts.control_plane.last_contact is not None:  # never in contact: left out
+            yield GaugeMetricFamily(
+                "cloudbender_last_contact_timestamp_seconds",
+                "Unix time the link to the control plane was last known up "
+                "(refreshed at every heartbeat while connected).",
+                value=facts.control_plane.last_contact,
+            )
+        runtime = facts.runtime
+        yield GaugeMetricFamily(
+            "cloudbender_engine_up",
+            "1 when the container engine answered its latest probe, else 0.",
+            value=1 if runtime is not None and runtime.reachable else 0,
+        )
+        yield GaugeMetricFamily(
+            "cloudbender_draining",
+            "1 while the node takes no new jobs (drain), else 0.",
+            value=1 if facts.draining else 0,
+        )
         yield CounterMetricFamily(
             "cloudbender_control_plane_reconnects",
             "Connection attempts after the first.",
@@ -96,8 +114,8 @@ class AgentCollector(Collector):
 
     def _job_metrics(self) -> Iterator[Metric]:
         current = GaugeMetricFamily(
-            "cloudbender_jobs",
-            "Jobs the control plane has not acknowledged yet, by state.",
+            "cloudbender_jobs_current",
+            "Jobs on the node by state, until the control plane acknowledges their end.",
             labels=["state"],
         )
         counts: dict[str, int] = dict.fromkeys(JOB_STATES, 0)
@@ -106,14 +124,30 @@ class AgentCollector(Collector):
         for state, count in counts.items():
             current.add_metric([state], count)
         yield current
+        tally = self._facts.tally
+        snap = tally.snapshot() if tally is not None else TallySnapshot({}, {}, 0)
         ended = CounterMetricFamily(
-            "cloudbender_jobs_ended",
+            "cloudbender_jobs",
             "Jobs ended since the agent started, by terminal state and reason.",
             labels=["state", "reason"],
         )
-        for (state, reason), count in sorted(self._facts.jobs_ended.items()):
+        for (state, reason), count in sorted(snap.ended.items()):
             ended.add_metric([state, reason], count)
         yield ended
+        durations = HistogramMetricFamily(
+            "cloudbender_job_duration_seconds",
+            "Time from a job's acceptance to its end, by terminal state.",
+            labels=["state"],
+        )
+        for state in TERMINAL_STATES:
+            histogram = snap.durations.get(state, EMPTY)
+            durations.add_metric([state], histogram.cumulative(), histogram.total_s)
+        yield durations
+        yield CounterMetricFamily(
+            "cloudbender_result_bytes_sent",
+            "Result bytes handed to the control-plane link, resends included.",
+            value=snap.result_bytes_sent,
+        )
 
     def _gpu_metrics(self) -> Iterator[Metric]:
         inventory = self._facts.gpus
@@ -150,7 +184,7 @@ class AgentCollector(Collector):
         }
         health = GaugeMetricFamily(
             "cloudbender_gpu_health",
-            "GPU health verdict (1 for the current state).",
+            "GPU health verdict: 1 for the current state, 0 for the others.",
             labels=[*GPU_LABELS, "state"],
         )
         for gpu in gpus:
@@ -196,9 +230,20 @@ class AgentCollector(Collector):
             )
 
 
+def _enum_gauge(name: str, documentation: str, states: tuple[str, ...], current: str) -> Metric:
+    """A gauge with one series per state: 1 for ``current``, 0 for the others. A state
+    missing from ``states`` is still exported (at 1), never dropped."""
+    gauge = GaugeMetricFamily(name, documentation, labels=["state"])
+    for state in states if current in states else (*states, current):
+        gauge.add_metric([state], 1 if state == current else 0)
+    return gauge
+
+
 def build_registry(collector: AgentCollector) -> CollectorRegistry:
+    """The agent's registry: its collector, and the process's CPU, memory and files."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    ProcessCollector(registry=registry)
     return registry
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +32,7 @@ from agent.jobs.admission import Admitted, Rejected, admit, node_refusal
 from agent.jobs.model import ORDER, State, check_transition
 from agent.jobs.runner import JobRunner, Resume, RunnerContext
 from agent.jobs.store import JobRecord, JobStore
+from agent.jobs.tally import JobTally
 from agent.jobs.uplink import Uplink
 from agent.loops import until_done
 from agent.protocol import messages as m
@@ -69,7 +69,7 @@ class JobManager:
         self._from_store = frozenset(self._records)
         self._runners: dict[str, JobRunner] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self.ended = Counter[tuple[str, str]]()
+        self.tally = JobTally(lambda: uplink.payload_bytes_sent)
         self.routes: list[Callable[[m.Incoming], bool]] = []
         self.error_routes: list[Callable[[m.ErrorMessage], bool]] = []
         self.on_session: list[Callable[[], None]] = []
@@ -312,7 +312,7 @@ class JobManager:
             record.container_id, record.gpu_uuids = runner.container_id, runner.gpus
         if state.terminal:
             record.ended_at = now
-            self.ended[(state.value, reason or "")] += 1
+            self.tally.job_ended(state.value, reason, now - record.created_at)
             # The end must reach the store, the ledger and the control plane whatever
             # the disk does (a full disk once left a job unended for good): retry.
             await until_done(lambda: self._store.update(record), NOT_RECORDED, job_id=job_id)

@@ -27,6 +27,8 @@ class Uplink:
         self._disconnected.set()
         # Increases with every session, so a waiter can tell a new session from the old.
         self.generation = 0
+        # Binary payload bytes handed to a session (result chunks, resends included).
+        self.payload_bytes_sent = 0
 
     @property
     def connected(self) -> bool:
@@ -69,6 +71,7 @@ class Uplink:
                 await link.send(message)
             else:
                 await link.send_binary(message, payload)
+                self.payload_bytes_sent += len(payload)
         except Exception as exc:  # the session ended under us; the caller resends later
             log.info("uplink_send_failed", type=message.get("type"), error=type(exc).__name__)
             return False
