@@ -54,7 +54,7 @@ from agent.loops import LoopFailures, every, guarded
 from agent.reload import plan_reload
 from agent.runtime.base import Runtime
 from agent.statedir import check_state_dir, prepare_state_dir
-from agent.systemd import Notifier
+from agent.systemd import Notifier, status_line
 
 log = structlog.get_logger(__name__)
 
@@ -273,7 +273,9 @@ class Daemon:
 
     def _connection(self, cp: ControlPlaneConfig) -> Connection:
         def publish(facts: ControlPlaneFacts) -> None:
-            self.facts.control_plane = facts
+            previous, self.facts.control_plane = self.facts.control_plane.state, facts
+            if facts.state != previous:  # systemctl status: now, not at the next watchdog
+                self._notifier.status(self._status_line())
 
         assert self._jobs is not None
         return Connection(
@@ -317,7 +319,7 @@ class Daemon:
     def _publish_jobs(self) -> None:
         assert self._jobs is not None
         self.facts.jobs = tuple(self._jobs.manager.snapshot())
-        self.facts.jobs_ended = dict(self._jobs.manager.ended)
+        self.facts.tally = self._jobs.manager.tally
 
     async def _check_state_dir(self) -> None:
         problem = await asyncio.to_thread(check_state_dir, self.config.state_dir)
@@ -359,10 +361,7 @@ class Daemon:
         )
 
     def _status_line(self, problems: list[Problem] | None = None) -> str:
-        problems = self.problems() if problems is None else problems
-        gpus = len(self.facts.gpus.gpus) if self.facts.gpus else 0
-        health = "healthy" if not problems else f"unhealthy: {problems[0].detail}"
-        return f"{health}; control plane {self.facts.control_plane.state}; {gpus} GPU(s)"
+        return status_line(self.facts, self.problems() if problems is None else problems)
 
 
 def serve(

@@ -83,8 +83,9 @@ class HealthServerError(AgentError):
 class StateDirError(AgentError):
     """The state directory exists but cannot be made the agent's alone (mode 0700).
 
-    Raised at start: it is not owned by the agent's user, or ``chmod`` fails (a
-    read-only file system). The message names the directory and says why.
+    Raised at start: it is not owned by the agent's user, ``chmod`` fails, or it is
+    read-only to the agent (under systemd: no ``ReadWritePaths=``). The message names
+    the directory and says why.
     """
 
 

@@ -17,12 +17,19 @@ rewrite the terminal or start a forged line. A traceback keeps its own newlines.
 
 The stdlib's records (websockets, docker, urllib3, asyncio) go through the same
 processors and renderer as the agent's own lines: one format per run, JSON or console.
+
+When the stream is the journal (systemd's ``$JOURNAL_STREAM`` names its device and
+inode), each line starts with its syslog priority, ``<3>`` for an error, which journald
+strips and records: ``journalctl -p err`` finds the agent's errors. Anywhere else no
+prefix is written, so that a JSON line stays one JSON object.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import sys
 import time
 import types
@@ -88,6 +95,36 @@ def _drop_none(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> A
     return event
 
 
+# syslog(3) priorities, as journald reads them from a "<N>" line prefix.
+_PRIORITY = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4, "debug": 7}
+_INFO = 6
+
+
+def is_journal(stream: TextIO) -> bool:
+    """Whether ``stream`` is the journal stream systemd connected (sd_journal_stream_fd).
+
+    ``$JOURNAL_STREAM`` is ``DEVICE:INODE`` of the socket systemd gave as stdout/stderr;
+    a child whose stderr was redirected inherits the variable but not the socket, so
+    the descriptor itself is compared.
+    """
+    try:
+        device, inode = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError, io.UnsupportedOperation):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
+def _with_priority(renderer: Any) -> Any:
+    def render(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        prefix = f"<{_PRIORITY.get(str(event.get('level', method)), _INFO)}>"
+        line = str(renderer(logger, method, event))
+        # Every line of a traceback: journald gives an unprefixed line priority 6.
+        return "\n".join(prefix + part for part in line.split("\n"))
+
+    return render
+
+
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     """Configure structlog and the stdlib root logger. Safe to call again (reload).
 
@@ -95,7 +132,8 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
     one JSON object (``event``, ``level``, ``timestamp``; a library's line also
     ``logger``, e.g. ``websockets.client``), whoever logged it; Python warnings and
     the traceback of an uncaught exception (``crashed``) go the same way. Console mode
-    leaves out keys whose value is ``None``. Secrets are masked in both.
+    leaves out keys whose value is ``None``. Secrets are masked in both. Lines carry a
+    ``<N>`` priority prefix only when ``stream`` is the journal (:func:`is_journal`).
     """
     stream = stream or sys.stderr
     numeric = logging.getLevelName(level.upper())
@@ -106,6 +144,8 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
         console = [_drop_none, _escape_raw]
     else:
         renderer = structlog.processors.JSONRenderer()
+    if is_journal(stream):
+        renderer = _with_priority(renderer)
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     rendering = [
         structlog.processors.StackInfoRenderer(),

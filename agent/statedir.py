@@ -26,23 +26,50 @@ MODE = 0o700
 def prepare_state_dir(path: Path) -> Problem | None:
     """Create the state directory, or make an existing one private; then probe it.
 
-    A directory that cannot be created (a parent missing or read-only) is a health
-    problem, returned: the agent serves ``/healthz`` and takes no jobs. An existing
-    directory is made mode 0700, and the regular files directly in it that the agent's
-    user owns (``jobs.db*``, the ledger) lose every group and other bit. Raises
+    A directory that cannot be created for another reason than a read-only or
+    forbidden parent (a parent that is a file, an I/O error) is a health problem,
+    returned: the agent serves ``/healthz`` and takes no jobs. An existing directory is
+    made mode 0700, and the regular files directly in it that the agent's user owns
+    (``jobs.db*``, the ledger) lose every group and other bit. Raises
     :class:`StateDirError` when the directory is not owned by the agent's user (its
-    owner could open it up again at any time) or cannot be chmod'ed. Idempotent.
+    owner could open it up again at any time), cannot be chmod'ed, or is read-only to
+    the agent (:func:`read_only_hint`). Idempotent.
     """
     try:
         path.mkdir(mode=MODE, parents=True, exist_ok=True)
     except OSError as exc:
+        if exc.errno in _READ_ONLY:
+            raise StateDirError(read_only_hint(path, exc)) from exc
         return Problem(
             "state_dir_unwritable",
             f"state directory {path} cannot be created: {exc.strerror}",
             restart_helps=True,
         )
     make_private(path)
-    return check_state_dir(path)
+    problem, error = _probe(path)
+    # Read-only at start is a setting, not a passing fault: under systemd it is a
+    # state_dir outside /var/lib with no ReadWritePaths=, and as a health problem it
+    # would starve the watchdog into a restart every WatchdogSec, forever. Exit 78
+    # (RestartPreventExitStatus=) with the fix instead. Later, check_state_dir keeps
+    # reporting a read-only remount as a problem a restart may cure.
+    if error is not None and error.errno in _READ_ONLY:
+        raise StateDirError(read_only_hint(path, error)) from error
+    return problem
+
+
+# EROFS: a read-only mount (systemd's ProtectSystem=strict). EACCES and EPERM: an
+# agent not running as root, or an immutable directory (chattr +i), which even root
+# cannot write in.
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def read_only_hint(path: Path, exc: OSError) -> str:
+    """The message for a state directory the agent cannot write, with the fix."""
+    return (
+        f"state directory {path} is read-only to the agent; under systemd add "
+        f"ReadWritePaths={path} to the unit (systemctl edit cloudbender-agent), or use "
+        f"the default /var/lib/cloudbender-agent (writing there: {exc.strerror})"
+    )
 
 
 def make_private(path: Path) -> None:
@@ -65,6 +92,8 @@ def make_private(path: Path) -> None:
         try:
             os.chmod(path, MODE)
         except OSError as exc:
+            if exc.errno in _READ_ONLY:
+                raise StateDirError(read_only_hint(path, exc)) from exc
             raise StateDirError(
                 f"state directory {path} has mode {stat.S_IMODE(st.st_mode):04o} and cannot "
                 f"be made {MODE:04o}: {exc.strerror}"
@@ -99,6 +128,10 @@ def check_state_dir(path: Path) -> Problem | None:
     space, and the agent must keep serving (docs/design.md §5). Any other write failure
     (read-only remount, I/O error) is one a restart may cure.
     """
+    return _probe(path)[0]
+
+
+def _probe(path: Path) -> tuple[Problem | None, OSError | None]:
     probe = path / f".probe-{os.getpid()}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -112,10 +145,11 @@ def check_state_dir(path: Path) -> Problem | None:
         with contextlib.suppress(OSError):
             probe.unlink()
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return Problem("state_dir_full", f"state directory {path} is full: {exc.strerror}")
+            full = f"state directory {path} is full: {exc.strerror}"
+            return Problem("state_dir_full", full), exc
         return Problem(
             "state_dir_unwritable",
             f"state directory {path} is not writable: {exc.strerror}",
             restart_helps=True,
-        )
-    return None
+        ), exc
+    return None, None

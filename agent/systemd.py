@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import structlog
+
+from agent.health.facts import NodeFacts, Problem
 
 _log = structlog.get_logger(__name__)
 
@@ -38,6 +40,17 @@ def _watchdog_interval(environ: Mapping[str, str]) -> float | None:
         return None
     # systemd's advice: ping at half the timeout, so one late ping is not a restart.
     return usec / 2 / 1_000_000 if usec > 0 else None
+
+
+def status_line(facts: NodeFacts, problems: Sequence[Problem]) -> str:
+    """The ``STATUS=`` line that ``systemctl status`` shows: health, link, GPUs.
+
+    The daemon sends it with every watchdog pass and at once when the control-plane
+    link changes state, so that it never says "connecting" while the link is up.
+    """
+    gpus = len(facts.gpus.gpus) if facts.gpus else 0
+    health = "healthy" if not problems else f"unhealthy: {problems[0].detail}"
+    return f"{health}; control plane {facts.control_plane.state}; {gpus} GPU(s)"
 
 
 class Notifier:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import stat
 from collections.abc import Callable
@@ -269,10 +270,21 @@ class DatastoreConfig(_Section):
         if not value.is_absolute():
             raise _problem("path_relative", "{path} is not an absolute path", path=str(value))
         if not value.exists():
-            raise _problem("path_missing", "{path} does not exist", path=str(value))
+            # The unit's ProtectHome=true: a datastore there exists for check-config in
+            # a shell, yet not for the service, which only sees it missing.
+            hidden = any(Path(os.path.normpath(value)).is_relative_to(d) for d in _PROTECT_HOME)
+            why = _PROTECT_HOME_HINT if hidden else ""
+            raise _problem("path_missing", "{path} does not exist" + why, path=str(value))
         if not value.is_dir():
             raise _problem("path_not_dir", "{path} is not a directory", path=str(value))
         return value
+
+
+_PROTECT_HOME = (Path("/home"), Path("/root"), Path("/run/user"))
+_PROTECT_HOME_HINT = (
+    " (under systemd, ProtectHome=true hides /home, /root and /run/user: move the "
+    "datastore, or see docs/systemd.md)"
+)
 
 
 class LimitsConfig(_Section):

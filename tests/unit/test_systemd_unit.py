@@ -86,3 +86,18 @@ def test_the_contracts_with_the_daemon_are_in_the_unit() -> None:
     # Soft = hard, set explicitly: systemd's default soft limit is 1024, and the agent
     # raises no limit itself (docs/systemd.md).
     assert d["LimitNOFILE"] == ["16384"]
+
+
+def test_run_is_read_only() -> None:
+    """Attack (issue 12, systemd 252): a bug in the agent writes under /run (e.g. over
+    another service's pid or socket file) although the unit says ProtectSystem=strict:
+    ProtectKernelTunables=, ProtectControlGroups= and ProtectProc= imply MountAPIVFS=,
+    which leaves /run out of the read-only remount, so /run must be made read-only by
+    name, and no ReadWritePaths= may open it (or anything under it) again."""
+    d = _directives(UNIT.read_text())
+    assert d["ProtectSystem"] == ["strict"]
+    assert "/run" in " ".join(d.get("ReadOnlyPaths", [])).split()
+    writable = " ".join(d.get("ReadWritePaths", [])).split()
+    # A RuntimeDirectory= (its own /run/cloudbender-agent) stays writable: systemd
+    # exempts it from ReadOnlyPaths=. Nothing else under /run may be opened again.
+    assert not [p for p in writable if p.lstrip("-+") == "/run" or p.startswith("/run/")]
