@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.helpers.env import seconds, valid_config, write_config
 from tests.helpers.proc import running_agent
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(tmp_path / "notify.sock"))
-    sock.settimeout(0.2)
-    yield sock
-    sock.close()
 
 
 def _receive_until(sock: socket.socket, wanted: str, timeout: float) -> list[str]:

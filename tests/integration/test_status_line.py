@@ -9,25 +9,13 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from agent.controlplane import ThreadedControlPlane
 from tests.helpers.env import seconds, valid_config, write_config
 from tests.helpers.proc import running_agent
 
 TOKEN = "s3cr3t-token-for-tests-0123456789"  # what valid_config writes to the token file
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(tmp_path / "notify.sock"))
-    sock.settimeout(0.2)
-    yield sock
-    sock.close()
 
 
 def _statuses_until(sock: socket.socket, wanted: str, timeout: float) -> list[str]:
