@@ -33,6 +33,7 @@ import structlog
 from agent.errors import ModelStorageError, ModelUnavailable
 from agent.fsutil import discard_tree
 from agent.models.download import Download
+from agent.protocol import messages as m
 from agent.protocol.messages import ArtifactChunk, ArtifactEnd
 
 log = structlog.get_logger(__name__)
@@ -207,7 +208,7 @@ class ArtifactFetcher:
                     return d.part
                 generation = self._uplink.generation
                 if self._uplink.connected and flight.asked != generation:
-                    get = {"type": "artifact.get", "artifact": d.artifact, "offset": d.held}
+                    get = m.artifact_get(d.artifact, d.held)
                     if await self._uplink.send(get):
                         flight.asked = generation
                         log.info("artifact_requested", artifact=d.artifact, offset=d.held)

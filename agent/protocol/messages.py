@@ -335,3 +335,27 @@ def hello(
         "capacity": capacity,
         "jobs": jobs,
     }
+
+
+def result_manifest(job_id: str, files: list[dict[str, Any]], total_bytes: int) -> dict[str, Any]:
+    """``result.manifest`` (§5 step 1); ``files`` are ``{index, path, size, sha256}``."""
+    return {"type": "result.manifest", "job_id": job_id, "total_bytes": total_bytes, "files": files}
+
+
+def result_chunk_header(job_id: str, file: int, offset: int) -> dict[str, Any]:
+    """The header of a ``result.chunk`` binary frame (§5 step 3)."""
+    return {"type": "result.chunk", "job_id": job_id, "file": file, "offset": offset}
+
+
+def result_end(job_id: str) -> dict[str, Any]:
+    return {"type": "result.end", "job_id": job_id}
+
+
+def artifact_get(artifact: str, offset: int) -> dict[str, Any]:
+    """``artifact.get`` (§6): the artifact from ``offset`` on."""
+    return {"type": "artifact.get", "artifact": artifact, "offset": offset}
+
+
+def heartbeat(seq: int, ts: float, telemetry: dict[str, Any]) -> dict[str, Any]:
+    """``heartbeat`` (§3) with the node's telemetry fields."""
+    return {"type": "heartbeat", "seq": seq, "ts": ts, **telemetry}

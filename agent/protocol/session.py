@@ -163,7 +163,7 @@ class Session:
         """
         if self.state is not State.ESTABLISHED:
             return False
-        self._queue({"type": "heartbeat", "seq": self._seq + 1, "ts": now, **telemetry})
+        self._queue(m.heartbeat(self._seq + 1, now, telemetry))
         self._seq += 1  # only once queued: a heartbeat that cannot be encoded takes no seq
         return True
 

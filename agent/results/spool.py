@@ -19,6 +19,7 @@ from typing import Any
 from agent.faults import crash_point
 from agent.fsutil import discard_tree, remove_tree
 from agent.paths import child
+from agent.protocol import messages as m
 from agent.results.scan import ResultFile, check_output, copy_into_spool
 
 
@@ -33,12 +34,7 @@ class Manifest:
 
     def to_message(self) -> dict[str, Any]:
         """The ``result.manifest`` message of §5."""
-        return {
-            "type": "result.manifest",
-            "job_id": self.job_id,
-            "total_bytes": self.total_bytes,
-            "files": [f.to_dict() for f in self.files],
-        }
+        return m.result_manifest(self.job_id, [f.to_dict() for f in self.files], self.total_bytes)
 
 
 class Spool:

@@ -2,7 +2,7 @@
 
 One :meth:`Uploader.deliver` per job: ``result.manifest`` → ``result.resume`` →
 ``result.chunk`` frames (files in index order, ≤ 1 MiB each) with at most
-:data:`WINDOW` payload bytes sent but not acknowledged → ``result.end`` →
+:data:`~agent.protocol.results.WINDOW` payload bytes sent but not acknowledged → ``result.end`` →
 ``result.accepted`` (done) or ``result.rejected`` (that file again from 0, then
 ``result.end`` again; the third rejection fails the job). If the session drops at
 any step, the upload starts again at the manifest after the next ``welcome``, and
@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 
@@ -31,15 +31,19 @@ from agent.faults import crash_point
 from agent.jobs.uplink import Uplink
 from agent.protocol import MAX_CHUNK_PAYLOAD
 from agent.protocol import messages as m
-from agent.results.scan import ResultFile
+from agent.protocol.results import (
+    AwaitMessage,
+    FileEntry,
+    RecordResends,
+    ResultMessage,
+    ResultSender,
+    SendChunk,
+    SendMessage,
+    TooManyRejections,
+)
 from agent.results.spool import Manifest, Spool
 
 log = structlog.get_logger(__name__)
-
-WINDOW = 16 * 1024 * 1024
-MAX_REJECTIONS = 3
-
-ResultMessage = m.ResultResume | m.ResultAck | m.ResultAccepted | m.ResultRejected
 
 
 class UploadFailed(AgentError):
@@ -77,17 +81,21 @@ class EgressLedger(Protocol):
 
 
 class Uploader:
+    """Delivers spooled results, one :meth:`deliver` per job; the thin I/O loop around
+    :class:`~agent.protocol.results.ResultSender`, which decides what to send."""
+
     def __init__(self, uplink: Uplink, spool: Spool, ledger: EgressLedger | None = None) -> None:
         self._uplink = uplink
         self._spool = spool
         self._ledger = ledger
         self._inboxes: dict[str, asyncio.Queue[ResultMessage]] = {}
+        # One payload buffer, reused for every chunk: a fresh 1 MiB object per chunk
+        # costs page faults (glibc returns large blocks to the kernel on free).
+        self._buffer = bytearray(MAX_CHUNK_PAYLOAD)
 
     def route(self, message: m.Incoming) -> bool:
         """Hand a ``result.*`` message to its job's upload. False: no upload wants it."""
-        if not isinstance(
-            message, m.ResultResume | m.ResultAck | m.ResultAccepted | m.ResultRejected
-        ):
+        if not isinstance(message, ResultMessage):
             return False
         inbox = self._inboxes.get(message.job_id)
         if inbox is None:
@@ -95,26 +103,23 @@ class Uploader:
         inbox.put_nowait(message)
         return True
 
-    def active(self, job_id: str) -> bool:
-        return job_id in self._inboxes
-
     async def deliver(self, manifest: Manifest) -> None:
         """Return once the control plane accepted every file. Raises :class:`UploadFailed`."""
         inbox: asyncio.Queue[ResultMessage] = asyncio.Queue()
         self._inboxes[manifest.job_id] = inbox
-        rejections = 0
         try:
             high = await asyncio.to_thread(self._record_files, manifest)
-            why = "agent_restarted"  # only files an earlier run recorded have a high-water mark
+            files = [FileEntry(f.path, f.size) for f in manifest.files]
+            sender = ResultSender(manifest.job_id, manifest.to_message(), files, high)
             while True:
                 generation = await self._uplink.wait_connected()
-                attempt = _Attempt(self, manifest, inbox, high, why, generation)
-                why = "session_lost"
+                sender.begin()
                 try:
-                    rejections = await attempt.run(rejections)
+                    await self._attempt(sender, manifest, inbox, generation)
                     return
                 except _SessionLost:
                     log.info("result_upload_interrupted", job_id=manifest.job_id)
+                    sender.session_lost()
                     # A send can fail before the connection has noticed its own end:
                     # wait for that session to be gone, or this loop would spin on it.
                     # A newer session may already be up; waiting for its end would stall
@@ -137,137 +142,57 @@ class Uploader:
         )
         return [f.size if f.path in earlier else 0 for f in files]
 
-    async def _record_resends(self, job_id: str, ranges: list[tuple[str, int, int, str]]) -> None:
-        if ranges and self._ledger is not None:
-            await asyncio.to_thread(self._ledger.result_ranges_resent, job_id, ranges)
-
-
-class _Attempt:
-    """One session's try at delivering a manifest."""
-
-    def __init__(
+    async def _attempt(
         self,
-        uploader: Uploader,
+        sender: ResultSender,
         manifest: Manifest,
         inbox: asyncio.Queue[ResultMessage],
-        high: list[int],
-        why: str,
         generation: int,
     ) -> None:
-        self._up = uploader
-        self._manifest = manifest
-        self._inbox = inbox
-        self._job_id = manifest.job_id
-        # Per file, the end of what any attempt of this delivery handed to the socket
-        # (shared across attempts): bytes below it may have left already.
-        self._high = high
-        self._why = why
-        self._generation = generation
-        self._sent_to = [0] * len(manifest.files)
-        self._acked = [0] * len(manifest.files)
-        self._unacked = 0  # Σ sent_to - acked, kept as it changes (files may be many)
-
-    async def run(self, rejections: int) -> int:
-        await self._send(self._manifest.to_message())
-        offsets = await self._resume_offsets()
-        if offsets is None:  # the control plane already holds and accepted all of it
-            log.info("results_already_accepted", job_id=self._job_id)
-            return rejections
-        for file, offset in zip(self._manifest.files, offsets, strict=True):
-            self._acked[file.index] = self._sent_to[file.index] = offset
-        await self._up._record_resends(
-            self._job_id,
-            [
-                (f.path, o, min(self._high[f.index], f.size), self._why)
-                for f, o in zip(self._manifest.files, offsets, strict=True)
-                if o < min(self._high[f.index], f.size)
-            ],
-        )
-        for file in self._manifest.files:
-            await self._send_file(file, offsets[file.index])
-        await self._send({"type": "result.end", "job_id": self._job_id})
-        while True:
-            message = await self._next()
-            if isinstance(message, m.ResultAccepted):
-                log.info("results_accepted", job_id=self._job_id, files=len(self._manifest.files))
-                return rejections
-            if isinstance(message, m.ResultRejected):
-                rejections += 1
-                log.warning(
-                    "result_file_rejected",
-                    job_id=self._job_id,
-                    file=message.file,
-                    code=message.code,
-                    rejections=rejections,
-                )
-                if rejections >= MAX_REJECTIONS:
-                    raise UploadFailed(f"results rejected {rejections} times")
-                if 0 <= message.file < len(self._manifest.files):
-                    file = self._manifest.files[message.file]
-                    self._unacked -= self._sent_to[file.index] - self._acked[file.index]
-                    self._acked[file.index] = self._sent_to[file.index] = 0
-                    if self._high[file.index] > 0:
-                        resent = (file.path, 0, self._high[file.index], "rejected")
-                        await self._up._record_resends(self._job_id, [resent])
-                    await self._send_file(file, 0)
-                await self._send({"type": "result.end", "job_id": self._job_id})
-
-    async def _resume_offsets(self) -> list[int] | None:
-        """The offsets of ``result.resume``; None if ``result.accepted`` came instead."""
-        while True:
-            message = await self._next()
-            if isinstance(message, m.ResultAccepted):
-                return None
-            if not isinstance(message, m.ResultResume):
-                continue
-            files = self._manifest.files
-            if len(message.offsets) == len(files) and all(
-                0 <= o <= f.size for o, f in zip(message.offsets, files, strict=True)
-            ):
-                return list(message.offsets)
-            # Offsets that cannot be right for this manifest: start every file again.
-            log.warning("result_resume_invalid", job_id=self._job_id, offsets=message.offsets[:8])
-            return [0] * len(files)
-
-    async def _send_file(self, file: ResultFile, offset: int) -> None:
-        path = self._up._spool.file_path(self._job_id, file.index)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        """One session's try. Raises :class:`_SessionLost` or :class:`UploadFailed`."""
+        job_id = manifest.job_id
+        files = _OpenFiles(self._spool, job_id)
         try:
-            while offset < file.size:
-                n = min(MAX_CHUNK_PAYLOAD, file.size - offset)
-                await self._wait_window(n)
-                payload = os.pread(fd, n, offset)
-                if len(payload) != n:
-                    raise AgentError(f"spooled file {file.index} of {self._job_id} is short")
-                header = {
-                    "type": "result.chunk",
-                    "job_id": self._job_id,
-                    "file": file.index,
-                    "offset": offset,
-                }
-                # Raised before the send: bytes of a send that fails may have left too.
-                self._high[file.index] = max(self._high[file.index], offset + n)
-                if not await self._up._uplink.send_binary(header, payload):
-                    raise _SessionLost
-                crash_point("upload.chunk_sent")
-                offset += n
-                self._sent_to[file.index] = offset
-                self._unacked += n
+            while True:
+                try:
+                    action = sender.next_action()
+                except TooManyRejections as exc:
+                    raise UploadFailed(str(exc)) from None
+                finally:
+                    for event, fields in sender.events:
+                        log.info(event, job_id=job_id, **fields)
+                    sender.events.clear()
+                if isinstance(action, SendChunk):
+                    payload = files.read(action, self._buffer)
+                    header = m.result_chunk_header(job_id, action.file, action.offset)
+                    if not await self._uplink.send_binary(header, payload):
+                        raise _SessionLost
+                    crash_point("upload.chunk_sent")
+                    sender.chunk_sent(action)
+                elif isinstance(action, SendMessage):
+                    if not await self._uplink.send(action.message):
+                        raise _SessionLost
+                elif isinstance(action, AwaitMessage):
+                    sender.receive(await self._next(inbox, generation))
+                elif isinstance(action, RecordResends):
+                    if self._ledger is not None:
+                        ranges = list(action.ranges)
+                        await asyncio.to_thread(self._ledger.result_ranges_resent, job_id, ranges)
+                else:
+                    what = "results_already_accepted" if action.already else "results_accepted"
+                    log.info(what, job_id=job_id, files=len(manifest.files))
+                    return
         finally:
-            os.close(fd)
+            files.close()
 
-    async def _wait_window(self, n: int) -> None:
-        while self._unacked + n > WINDOW and self._unacked > 0:
-            message = await self._next()
-            if not isinstance(message, m.ResultAck):
-                log.info("result_message_ignored", job_id=self._job_id, type=message.type)
-
-    async def _next(self) -> ResultMessage:
-        """The next message for this upload; acks are applied on the way."""
-        if self._up._uplink.generation != self._generation:
+    async def _next(self, inbox: asyncio.Queue[ResultMessage], generation: int) -> ResultMessage:
+        """The next message for this upload, or :class:`_SessionLost`."""
+        if self._uplink.generation != generation:
             raise _SessionLost  # ended and replaced while no one was waiting on it
-        lost = asyncio.ensure_future(self._up._uplink.wait_disconnected())
-        get = asyncio.ensure_future(self._inbox.get())
+        if not inbox.empty():  # the common case under load: no tasks, no wait
+            return inbox.get_nowait()
+        lost = asyncio.ensure_future(self._uplink.wait_disconnected())
+        get = asyncio.ensure_future(inbox.get())
         try:
             await asyncio.wait({lost, get}, return_when="FIRST_COMPLETED")
         finally:
@@ -276,13 +201,28 @@ class _Attempt:
                 get.cancel()
         if not get.done() or get.cancelled():
             raise _SessionLost
-        message = get.result()
-        if isinstance(message, m.ResultAck) and 0 <= message.file < len(self._acked):
-            acked = max(self._acked[message.file], min(message.offset, self._sent_to[message.file]))
-            self._unacked -= acked - self._acked[message.file]
-            self._acked[message.file] = acked
-        return message
+        return get.result()
 
-    async def _send(self, message: dict[str, Any]) -> None:
-        if not await self._up._uplink.send(message):
-            raise _SessionLost
+
+class _OpenFiles:
+    """The spooled files of one attempt, each opened once, read with ``preadv``."""
+
+    def __init__(self, spool: Spool, job_id: str) -> None:
+        self._spool = spool
+        self._job_id = job_id
+        self._fd: tuple[int, int] | None = None  # (file index, descriptor)
+
+    def read(self, chunk: SendChunk, buffer: bytearray) -> memoryview:
+        if self._fd is None or self._fd[0] != chunk.file:
+            self.close()
+            path = self._spool.file_path(self._job_id, chunk.file)
+            self._fd = (chunk.file, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        view = memoryview(buffer)[: chunk.size]
+        if os.preadv(self._fd[1], [view], chunk.offset) != chunk.size:
+            raise AgentError(f"spooled file {chunk.file} of {self._job_id} is short")
+        return view
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd[1])
+            self._fd = None
