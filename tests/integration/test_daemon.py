@@ -33,6 +33,7 @@ def _setup(tmp_path: Path, *, control_plane: bool = False) -> tuple[dict[str, An
 
 def test_health_status_metrics_and_clean_sigterm(tmp_path: Path) -> None:
     config, path, port = _setup(tmp_path)
+    launched = time.monotonic()
     with running_agent(path, port, tmp_path) as agent:
         code, health = agent.get_json("/healthz")
         assert code == 200, health
@@ -50,7 +51,9 @@ def test_health_status_metrics_and_clean_sigterm(tmp_path: Path) -> None:
         assert status["gpus"]["reason"]
         assert status["host"]["cpu"]["logical"] >= 1
         assert status["host"]["memory_total_mib"] > 0
-        assert status["uptime_s"] >= 0
+        # Counted from this process's start: never more than since it was launched
+        # (0.1 s for the rounding), never a time since boot or the epoch.
+        assert 0 <= status["uptime_s"] <= time.monotonic() - launched + 0.1
 
         code, body = agent.get("/metrics")
         assert code == 200
