@@ -9,6 +9,7 @@ A mixin, so that ``server.py`` keeps to the server: it reads the node table
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,8 @@ class ControlPlaneAPI:
         drop_after_bytes: int | None = None,
         reject_file_once: int | None = None,
         reject_always: int | None = None,
-    ) -> None:
+        hold_durable: threading.Event | None = None,
+    ) -> ResultFault:
         """Arm test faults on ``job_id``'s results (``None``: every job), replacing earlier ones.
 
         ``stop_acking``: store and fsync, but send no ``result.ack`` (those held back
@@ -160,10 +162,16 @@ class ControlPlaneAPI:
         payload bytes arrived, after storing the chunk that reached it, end the
         connection without a closing handshake; once. ``reject_file_once`` /
         ``reject_always``: at ``result.end``, reject that file (``checksum_mismatch``,
-        its bytes forgotten) even if it is right; once / every time.
+        its bytes forgotten) even if it is right; once / every time. ``hold_durable``:
+        each durable point waits before its fdatasync until the event is set (and so
+        does the ack it would send); the returned fault's ``durable_waiting`` is set
+        once one waits.
         """
-        fault = ResultFault(stop_acking, drop_after_bytes, reject_file_once, reject_always)
+        fault = ResultFault(
+            stop_acking, drop_after_bytes, reject_file_once, reject_always, hold_durable
+        )
         await self.results.set_fault(job_id, fault)
+        return fault
 
     def results_state(self, node_id: str, job_id: str) -> ResultsState:
         """A snapshot of ``job_id``'s results from ``node_id`` (all zero if none came)."""

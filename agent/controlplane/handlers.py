@@ -46,7 +46,7 @@ class Context(Protocol):
         """End the connection without a closing handshake, as a network failure would."""
 
 
-Handler = Callable[[Context, dict[str, Any], bytes | None], Awaitable[None]]
+Handler = Callable[[Context, dict[str, Any], memoryview | None], Awaitable[None]]
 
 
 class BadFrame(ControlPlaneError):
@@ -83,14 +83,15 @@ def parse_text(text: str) -> dict[str, Any]:
     return message
 
 
-def parse_binary(data: bytes) -> tuple[dict[str, Any], bytes]:
-    """Header and payload of a binary frame. Raises :class:`BadFrame` (``bad_message``)."""
+def parse_binary(data: bytes) -> tuple[dict[str, Any], memoryview]:
+    """Header and payload of a binary frame, the payload a view into ``data`` (a copy of
+    every MiB received would cost as much as hashing it). Raises :class:`BadFrame`."""
     try:
         frame = decode_binary(data)
     except (FrameError, RecursionError) as exc:
         # FrameError texts describe the frame only, never its content.
         raise BadFrame(error("bad_message", f"bad binary frame: {exc}")) from exc
-    return frame.header, bytes(frame.payload)
+    return frame.header, memoryview(frame.payload)
 
 
 def _check(type_: str, message: dict[str, Any], binary: bool) -> dict[str, Any] | None:
@@ -117,7 +118,7 @@ async def dispatch(ctx: Context, data: str | bytes) -> None:
     connection closing); the caller turns any other exception into ``internal``.
     """
     reg = ctx.registry
-    payload: bytes | None = None
+    payload: memoryview | None = None
     try:
         if isinstance(data, bytes):
             message, payload = parse_binary(data)
@@ -135,7 +136,7 @@ async def dispatch(ctx: Context, data: str | bytes) -> None:
         type_,
         message,
         # Result bytes are kept once, as files (ResultStore), not in the message log.
-        payload=None if type_ == "result.chunk" else payload,
+        payload=None if type_ == "result.chunk" or payload is None else bytes(payload),
         problem=None if reply is None else reply["detail"],
     )
     if reply is not None and type_ == "error":
@@ -153,7 +154,7 @@ async def dispatch(ctx: Context, data: str | bytes) -> None:
         await handler(ctx, message, payload)
 
 
-async def on_heartbeat(ctx: Context, message: dict[str, Any], _payload: bytes | None) -> None:
+async def on_heartbeat(ctx: Context, message: dict[str, Any], _payload: memoryview | None) -> None:
     seq = message["seq"]
     if seq != ctx.next_seq:
         ctx.registry.violation(ctx.node_id, f"heartbeat: seq {seq}, expected {ctx.next_seq}")
@@ -162,14 +163,14 @@ async def on_heartbeat(ctx: Context, message: dict[str, Any], _payload: bytes | 
     ctx.registry.heartbeat(ctx.node_id, ctx.session_id, seq, float(message["ts"]))
 
 
-async def on_job_answer(ctx: Context, message: dict[str, Any], _payload: bytes | None) -> None:
+async def on_job_answer(ctx: Context, message: dict[str, Any], _payload: memoryview | None) -> None:
     track = ctx.registry.track(ctx.node_id, message["job_id"])
     for text in jobs.check_answer(track, message, ctx.session_id):
         ctx.registry.violation(ctx.node_id, text)
     ctx.registry.touch()
 
 
-async def on_job_state(ctx: Context, message: dict[str, Any], _payload: bytes | None) -> None:
+async def on_job_state(ctx: Context, message: dict[str, Any], _payload: memoryview | None) -> None:
     """Check the state against the job's history; with ``auto_ack``, ack a terminal one.
 
     Every terminal ``job.state`` is acknowledged, repeats included: the agent repeats
@@ -185,24 +186,28 @@ async def on_job_state(ctx: Context, message: dict[str, Any], _payload: bytes | 
         await ctx.send({"type": "job.ack", "job_id": job_id})
 
 
-async def on_result_manifest(ctx: Context, message: dict[str, Any], _p: bytes | None) -> None:
+async def on_result_manifest(ctx: Context, message: dict[str, Any], _p: memoryview | None) -> None:
     await ctx.results.on_manifest(ctx, message)
 
 
-async def on_result_chunk(ctx: Context, message: dict[str, Any], payload: bytes | None) -> None:
+async def on_result_chunk(
+    ctx: Context, message: dict[str, Any], payload: memoryview | None
+) -> None:
     # §5: a header of at most 4 KiB. The frame was accepted (it fits max_size): the
     # bytes are usable, the header size is only recorded.
     header = len(json.dumps(message, separators=(",", ":")).encode())
     if header > MAX_HEADER:
         ctx.registry.violation(ctx.node_id, f"result.chunk: header of about {header} bytes")
-    await ctx.results.on_chunk(ctx, message, payload or b"")
+    await ctx.results.on_chunk(ctx, message, b"" if payload is None else payload)
 
 
-async def on_result_end(ctx: Context, message: dict[str, Any], _payload: bytes | None) -> None:
+async def on_result_end(ctx: Context, message: dict[str, Any], _payload: memoryview | None) -> None:
     await ctx.results.on_end(ctx, message)
 
 
-async def on_artifact_get(ctx: Context, message: dict[str, Any], _payload: bytes | None) -> None:
+async def on_artifact_get(
+    ctx: Context, message: dict[str, Any], _payload: memoryview | None
+) -> None:
     """Stream the artifact (§6), or answer ``unknown_artifact`` / ``bad_message``.
 
     An ``offset`` equal to the size is a complete download: just ``artifact.end``.

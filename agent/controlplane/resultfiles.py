@@ -1,15 +1,22 @@
-"""Result files on the CP's disk (docs/protocol.md §5): partial files, fsync, the final tree.
+"""Result files on the CP's disk (docs/protocol.md §5): partial files, durability, publishing.
 
 Layout under the results directory ``root`` (``<node>`` and ``<job>`` are
 :func:`~agent.controlplane.manifest.fs_name` of the ids)::
 
-    <root>/<node>/<job>/<path>                   accepted results, named as in the manifest
-    <root>/+partial/<node>/<job>/manifest.json   the manifest being received
-    <root>/+partial/<node>/<job>/<index>         file <index>, as received so far
-    <root>/+accepted/<node>/<job>.json           the manifest of accepted results
+    <root>/<node>/<job>/<path>                       accepted results, named as in the manifest
+    <root>/+partial/<node>/<job>/manifest.json       the manifest being received
+    <root>/+partial/<node>/<job>/files/<path>        each file, as received so far
+    <root>/+accepted/<node>/<job>.json               the manifest of accepted results
 
-Bytes reach a result's path only after every file's size and sha256 were checked, by
-a rename. The partial tree and the marker let a control plane built on the same
+Results are published by one rename of the finished ``files`` directory, after every
+file's size and sha256 were checked: one step however many files, and a reader never
+sees part of a result. Durability (:meth:`JobFiles.durable`) is ``fdatasync`` of each
+file written since the last durable point and ``fsync`` of each directory that gained
+an entry, never a global ``sync()`` (which would also flush every other process's
+writes); written pages are then dropped from the page cache, since the CP does not read
+them again and keeping them only makes the next writes find cold memory.
+
+The partial tree and the marker let a control plane built on the same
 ``root`` resume an upload, or answer ``result.accepted`` again, after a restart.
 Directories are ``0700`` and files ``0600``: results are the consumer's data.
 """
@@ -21,7 +28,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from agent.controlplane.manifest import Manifest, fs_name
 
@@ -30,91 +37,125 @@ ACCEPTED = "+accepted"
 _READ = 1024 * 1024
 
 
-class JobFiles:
-    """The files of one ``(node_id, job_id)``. Blocking I/O; one user at a time.
+# Files kept open between durable points; past it, the completed ones are made durable
+# early (harmless: durability may come sooner than the ack that reports it).
+MAX_OPEN = 256
 
-    Keeps the partial files it writes open until :meth:`close`, :meth:`discard` or
-    :meth:`finish`. Raises ``OSError`` when the disk does.
+
+class JobFiles:
+    """The files of one ``(node_id, job_id)``. Blocking I/O: one thread at a time.
+
+    :meth:`use` (or :meth:`begin`) must name the manifest's paths before :meth:`write`.
+    Keeps the files written since the last :meth:`durable` open until then. Raises
+    ``OSError`` when the disk does.
     """
 
     def __init__(self, root: Path, node_id: str, job_id: str) -> None:
         node, job = fs_name(node_id), fs_name(job_id)
         self.final_dir = root / node / job
         self.partial_dir = root / PARTIAL / node / job
+        self.tree = self.partial_dir / "files"
         self.marker = root / ACCEPTED / node / f"{job}.json"
-        self._open: dict[int, BinaryIO] = {}
+        self._paths: list[str] = []
+        self._open: dict[int, int] = {}  # index -> fd, written since the last durable point
+        self._complete: set[int] = set()  # of _open: closed at the next durable point
+        self._new_entries: set[Path] = set()  # directories to fsync at the next durable point
+        self._dirs: set[Path] = set()  # directories of the tree known to exist
 
     def _partial(self, index: int) -> Path:
-        return self.partial_dir / str(index)
+        # manifest.parse() allowed only relative paths without "." or ".." parts.
+        return self.tree / self._paths[index]
+
+    def use(self, manifest: Manifest) -> None:
+        """The manifest whose files are held (after a restart: see :meth:`held`)."""
+        self._paths = [entry.path for entry in manifest.files]
 
     def begin(self, manifest: Manifest) -> None:
         """Start receiving ``manifest`` afresh: every partial byte is forgotten."""
         self.close()
         shutil.rmtree(self.partial_dir, ignore_errors=True)
-        self.partial_dir.mkdir(mode=0o700, parents=True)
+        self._dirs.clear()
+        self.tree.mkdir(mode=0o700, parents=True)
         _write_json(self.partial_dir / "manifest.json", manifest.entries())
+        _sync_dir(self.partial_dir.parent)
+        self.use(manifest)
 
-    def write(self, index: int, offset: int, data: bytes) -> None:
-        """Write ``data`` at ``offset`` of file ``index`` (not yet durable: see :meth:`sync`)."""
-        handle = self._open.get(index)
-        if handle is None:
-            path = self._partial(index)
-            handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "r+b")
-            self._open[index] = handle
-        handle.seek(offset)
-        handle.write(data)
+    def write(self, index: int, offset: int, data: bytes | memoryview) -> None:
+        """Write ``data`` at ``offset`` of file ``index`` (durable at :meth:`durable`)."""
+        fd = self._open.get(index)
+        if fd is None:
+            fd = self._open[index] = self._create(self._partial(index), os.O_RDWR)
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(fd, view, offset)
+            view, offset = view[done:], offset + done
 
     def complete(self, index: int) -> None:
-        """File ``index`` has all its bytes: close it (durable at the next :meth:`sync`)."""
-        handle = self._open.pop(index, None)
-        if handle is not None:
-            handle.close()
+        """File ``index`` has all its bytes: closed once durable."""
+        if index in self._open:
+            self._complete.add(index)
+        if len(self._complete) >= MAX_OPEN:
+            self.durable()
 
-    def sync(self) -> None:
-        """Make every byte written so far durable, files and directory entries alike.
-
-        One ``sync(2)`` for the batch rather than an fsync per file: 10,000 small
-        results would otherwise cost 10,000 journal commits (and as many open files).
-        """
-        for handle in self._open.values():
-            handle.flush()
-        os.sync()
+    def durable(self) -> None:
+        """Make every byte written so far durable, and the directory entries made for it."""
+        for index, fd in list(self._open.items()):
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if index in self._complete:
+                os.close(self._open.pop(index))
+        self._complete.clear()
+        for directory in sorted(self._new_entries, key=lambda p: len(p.parts), reverse=True):
+            _sync_dir(directory)
+        self._new_entries.clear()
 
     def discard(self, index: int) -> None:
         """Forget every byte of file ``index`` (it will be sent again from 0)."""
-        handle = self._open.pop(index, None)
-        if handle is not None:
-            handle.close()
+        fd = self._open.pop(index, None)
+        self._complete.discard(index)
+        if fd is not None:
+            os.close(fd)
         self._partial(index).unlink(missing_ok=True)
 
     def finish(self, manifest: Manifest) -> dict[str, Path]:
-        """Move the checked files to their paths; ``path -> file``. Replaces older results."""
-        self.close()
-        shutil.rmtree(self.final_dir, ignore_errors=True)
-        self.final_dir.mkdir(mode=0o700, parents=True)  # an empty result is an empty directory
-        placed: dict[str, Path] = {}
+        """Publish the checked files by renaming their tree; ``path -> file``. Replaces
+        older results."""
+        self.use(manifest)
         for entry in manifest.files:
-            # manifest.parse() allowed only relative paths without "." or ".." parts.
-            target = self.final_dir / entry.path
-            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            source = self._partial(entry.index)
-            if source.exists():
-                os.replace(source, target)
-            else:  # an empty file: no chunk ever created it
-                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-            placed[entry.path] = target
+            if not self._partial(entry.index).exists():  # an empty file: no chunk made it
+                os.close(self._create(self._partial(entry.index), os.O_WRONLY))
+        self.durable()
+        self.close()
+        self.tree.mkdir(mode=0o700, parents=True, exist_ok=True)  # an empty result
+        shutil.rmtree(self.final_dir, ignore_errors=True)
+        self.final_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.rename(self.tree, self.final_dir)
+        self._dirs.clear()
+        _sync_dir(self.final_dir.parent)
         self.marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _write_json(self.marker, manifest.entries())
         shutil.rmtree(self.partial_dir, ignore_errors=True)
-        return placed
+        return {entry.path: self.final_dir / entry.path for entry in manifest.files}
 
     def close(self) -> None:
-        """Sync and close the open partial files (their bytes stay on disk)."""
-        for handle in self._open.values():
-            handle.flush()
-            os.fsync(handle.fileno())
-            handle.close()
+        """Make durable and close the open partial files (their bytes stay on disk)."""
+        self.durable()
+        for fd in self._open.values():
+            os.close(fd)
         self._open.clear()
+
+    def _create(self, path: Path, mode: int) -> int:
+        # Per file, no stat: directories seen are remembered, and the file's directory is
+        # fsynced at the next durable point whether or not the file was new (harmless).
+        if path.parent not in self._dirs:
+            relative = path.parent.relative_to(self.tree)
+            for directory in (*reversed(relative.parents), relative):
+                if not (self.tree / directory).is_dir():
+                    (self.tree / directory).mkdir(mode=0o700)
+                    self._new_entries.add((self.tree / directory).parent)
+            self._dirs.add(path.parent)
+        self._new_entries.add(path.parent)
+        return os.open(path, mode | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     # -- after a restart of the control plane ------------------------------------------
 
@@ -132,6 +173,7 @@ class JobFiles:
         """
         if _read_json(self.partial_dir / "manifest.json") != manifest.entries():
             return None
+        self.use(manifest)
         offsets = []
         for entry in manifest.files:
             path = self._partial(entry.index)

@@ -11,8 +11,13 @@ server's event loop may call it. Choices where docs/protocol.md is silent:
   file's size, carry at most 1 MiB and come from the session of the latest manifest;
   otherwise it is answered ``error`` / ``bad_message`` and not stored. A chunk for a
   later file while an earlier one is incomplete is stored, and recorded as a violation.
-- ``result.ack`` is sent after an fsync, once a file has :data:`ACK_EVERY_BYTES` not
-  yet acknowledged or is complete, and for everything held at ``result.end``.
+- Payloads are hashed and written off the event loop, in one worker thread shared by
+  every upload, in the order received (so each file's bytes are in order). A durable
+  point (``fdatasync``, see :meth:`JobFiles.durable`) follows every
+  :data:`ACK_EVERY_BYTES` received, the last byte of the last file and ``result.end``;
+  ``result.ack`` is sent only once the durable point covering its bytes has returned,
+  cumulative across files as revision 1.1 allows (:mod:`~agent.controlplane.resultacks`):
+  one ack per durable point, however many files it covers.
 - ``result.end`` rejects the first file (by index) whose size or sha256 is wrong, and
   forgets that file's bytes. Accepted results stay accepted: a manifest equal to theirs,
   or a ``result.end``, gets ``result.accepted`` again; another manifest for them is
@@ -22,20 +27,26 @@ server's event loop may call it. Choices where docs/protocol.md is silent:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 from pathlib import Path
 from typing import Any, Protocol
 
+import structlog
 from websockets.exceptions import ConnectionClosed
 
 from agent.controlplane.manifest import parse
+from agent.controlplane.resultacks import AckPlan
 from agent.controlplane.resultfiles import JobFiles
+from agent.controlplane.resultworker import ResultWorker, durable
 from agent.controlplane.state import Registry
 from agent.controlplane.upload import ResultFault, ResultsState, Upload
 from agent.protocol import MAX_CHUNK_PAYLOAD
 
 ACK_EVERY_BYTES = 4 * 1024 * 1024
+
+log = structlog.get_logger(__name__)
 
 
 class ResultContext(Protocol):
@@ -63,6 +74,8 @@ class ResultStore:
         self.ack_every = ack_every
         self._uploads: dict[tuple[str, str], Upload] = {}
         self._faults: dict[str | None, ResultFault] = {}
+        self._worker = ResultWorker()
+        self._submit = self._worker.run
 
     def _upload(self, node_id: str, job_id: str) -> Upload:
         key = (node_id, job_id)
@@ -92,13 +105,22 @@ class ResultStore:
             return
         for upload in list(self._uploads.values()):
             if job_id in (None, upload.job_id) and upload.ctx is not None:
+                # Durable points queued before now: what they cover is held back too.
+                await asyncio.gather(*upload.ack_tasks)
                 # The session may have ended meanwhile: its next manifest's resume
                 # offsets then say what is held.
                 with contextlib.suppress(ConnectionClosed):
                     await self._send_acks(upload, upload.ctx)
 
     def close(self) -> None:
-        """Close every open partial file; uploads go on after a reopen."""
+        """Close every open partial file, once what was queued is written; uploads go on
+        after a reopen. Blocks until the worker is idle."""
+        self._worker.close(self._close_files)
+        for upload in self._uploads.values():
+            for task in upload.ack_tasks:
+                task.cancel()
+
+    def _close_files(self) -> None:
         for upload in self._uploads.values():
             upload.files.close()
 
@@ -107,14 +129,51 @@ class ResultStore:
         await ctx.send(_bad_message(detail, ref))
 
     async def _send_acks(self, upload: Upload, ctx: ResultContext) -> None:
-        for index, durable in enumerate(upload.durable):
-            if durable > upload.acked[index]:
-                upload.acked_total += durable - upload.acked[index]
-                upload.acked[index] = durable
-                ack = {"type": "result.ack", "job_id": upload.job_id, "file": index}
-                await ctx.send(ack | {"offset": durable})
-                upload.acks.append((index, durable))  # recorded once it went out
-                self._registry.touch()
+        """Send what the plan says the durable bytes now allow. ``upload.durable`` must
+        hold only offsets a durable point has covered."""
+        async with upload.ack_lock:  # planned and sent in one order
+            if upload.plan is None:
+                return
+            for index, offset in upload.plan.advance(upload.durable):
+                await self._ack(upload, ctx, index, offset)
+
+    async def _ack(self, upload: Upload, ctx: ResultContext, index: int, offset: int) -> None:
+        await ctx.send(
+            {"type": "result.ack", "job_id": upload.job_id, "file": index, "offset": offset}
+        )
+        upload.acks.append((index, offset))  # recorded once it went out
+        self._registry.touch()
+
+    def _durable_point(self, upload: Upload, ctx: ResultContext) -> None:
+        """Queue a durable point after the writes queued so far; ack once it returns.
+
+        Not awaited: the session goes on reading while the worker writes and syncs.
+        """
+        covered, attempt = list(upload.written), upload.attempt
+        fault = self._fault(upload.job_id)
+        synced = self._submit(durable, upload, fault)
+        # Decided now, as the bytes it covers are counted: the ack this point would send.
+        withheld = fault.stop_acking
+        if withheld:
+            upload.withheld += 1
+
+        async def ack() -> None:
+            try:
+                await synced
+            except OSError as exc:  # nothing is acknowledged; result.end reports it
+                log.error("cp.results_not_durable", job_id=upload.job_id, error=str(exc))
+                return
+            if upload.attempt != attempt:  # a newer manifest: its resume said what is held
+                return
+            upload.durable = covered
+            if withheld:
+                return
+            with contextlib.suppress(ConnectionClosed):  # the next resume says it instead
+                await self._send_acks(upload, ctx)
+
+        task = asyncio.create_task(ack())
+        upload.ack_tasks.add(task)
+        task.add_done_callback(upload.ack_tasks.discard)
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -126,8 +185,9 @@ class ResultStore:
         upload = self._upload(ctx.node_id, manifest.job_id)
         upload.manifests.append(copy.deepcopy(message))
         self._registry.touch()
+        upload.attempt += 1  # acks still planned for an earlier session are void
         if upload.manifest is None:
-            upload.recover(manifest)
+            await self._submit(upload.recover, manifest)
         if upload.final is not None:
             if upload.manifest != manifest:
                 detail = f"the results of {manifest.job_id} were accepted with another manifest"
@@ -142,16 +202,18 @@ class ResultStore:
                     ctx.node_id,
                     f"result.manifest: {manifest.job_id}: unlike the earlier one; starting over",
                 )
-            upload.begin(manifest)
-        upload.files.sync()
+            await self._submit(upload.begin, manifest)
+        await self._submit(durable, upload)
         upload.durable = list(upload.written)
-        upload.acked = list(upload.written)
-        upload.ctx, upload.sent, upload.acked_total = ctx, 0, 0
+        upload.plan = AckPlan([entry.size for entry in manifest.files], upload.written)
+        upload.ctx, upload.sent, upload.unsynced = ctx, 0, 0
         upload.resumes.append(tuple(upload.written))
         resume = {"type": "result.resume", "job_id": manifest.job_id}
         await ctx.send(resume | {"offsets": list(upload.written)})
 
-    async def on_chunk(self, ctx: ResultContext, header: dict[str, Any], payload: bytes) -> None:
+    async def on_chunk(
+        self, ctx: ResultContext, header: dict[str, Any], payload: bytes | memoryview
+    ) -> None:
         job_id, index, offset = header["job_id"], header["file"], header["offset"]
         upload = self._uploads.get((ctx.node_id, job_id))
         if upload is not None:
@@ -172,11 +234,12 @@ class ResultStore:
             self._registry.violation(
                 ctx.node_id, f"result.chunk: {job_id}: file {index} before an earlier file ended"
             )
-        upload.files.write(index, offset, payload)
-        upload.digests[index].update(payload)
+        last = upload.written[index] + len(payload) == entry.size
+        self._worker.store(upload, index, offset, payload, last)
         upload.written[index] += len(payload)
         upload.sent += len(payload)
-        upload.max_unacked = max(upload.max_unacked, upload.sent - upload.acked_total)
+        assert upload.plan is not None
+        upload.max_unacked = max(upload.max_unacked, upload.sent - upload.plan.acked_total)
         fault = self._fault(job_id)
         if fault.drop_after_bytes is not None:
             fault.received += len(payload)
@@ -185,18 +248,11 @@ class ResultStore:
                 upload.drops += 1
                 await ctx.abort()
                 return
-        if upload.written[index] == entry.size:
-            upload.files.complete(index)
         upload.unsynced += len(payload)
         last_byte = index == len(upload.manifest.files) - 1 and upload.written[index] == entry.size
         if upload.unsynced >= self.ack_every or last_byte:
-            upload.files.sync()
             upload.unsynced = 0
-            upload.durable = list(upload.written)
-            if fault.stop_acking:
-                upload.withheld += 1
-            else:
-                await self._send_acks(upload, ctx)
+            self._durable_point(upload, ctx)
 
     def _chunk_problem(
         self, ctx: ResultContext, upload: Upload | None, index: int, offset: int, size: int
@@ -232,7 +288,8 @@ class ResultStore:
         if upload.ctx is None or upload.ctx.session_id != ctx.session_id:
             await self._refuse(ctx, "result.end", "no result.manifest for this job in this session")
             return
-        upload.files.sync()
+        await self._submit(durable, upload)  # after every write queued: digests done
+        await asyncio.gather(*upload.ack_tasks)
         upload.unsynced = 0
         upload.durable = list(upload.written)
         fault = self._fault(job_id)
@@ -247,13 +304,15 @@ class ResultStore:
                 fault.reject_file_once = None
         if verdict is not None:
             index, code = verdict
-            upload.forget(index)
+            await self._submit(upload.forget, index)
+            assert upload.plan is not None
+            upload.plan.reject(index)
             upload.rejected.append(verdict)
             self._registry.touch()
             rejected = {"type": "result.rejected", "job_id": job_id, "file": index, "code": code}
             await ctx.send(rejected)
             return
-        upload.final = upload.files.finish(upload.manifest)
+        upload.final = await self._submit(upload.files.finish, upload.manifest)
         upload.accepted += 1
         self._registry.touch()
         await ctx.send({"type": "result.accepted", "job_id": job_id})

@@ -8,13 +8,16 @@ through :class:`ResultsState`.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.controlplane.manifest import Manifest
+from agent.controlplane.resultacks import AckPlan
 from agent.controlplane.resultfiles import JobFiles
 
 if TYPE_CHECKING:
@@ -29,7 +32,10 @@ class ResultFault:
     drop_after_bytes: int | None = None
     reject_file_once: int | None = None
     reject_always: int | None = None
+    # Durable points wait (in the worker, before fdatasync) until this is set.
+    hold_durable: threading.Event | None = None
     received: int = 0  # payload bytes received since armed, for drop_after_bytes
+    durable_waiting: threading.Event = field(default_factory=threading.Event)  # one waited
 
 
 @dataclass(frozen=True)
@@ -76,19 +82,24 @@ class Upload:
         self.final: dict[str, Path] | None = None
         self.written: list[int] = []
         self.durable: list[int] = []
-        self.acked: list[int] = []
         self.digests: list[hashlib._Hash] = []
-        self.sent = self.acked_total = 0  # this attempt's payload bytes in / acknowledged
+        self.sent = 0  # this attempt's payload bytes in
         self.manifests: list[dict[str, Any]] = []
         self.resumes: list[tuple[int, ...]] = []
         self.acks: list[tuple[int, int]] = []
         self.rejected: list[tuple[int, str]] = []
         self.chunks = self.wire_bytes = self.withheld = self.max_unacked = 0
         self.ends = self.accepted = self.drops = 0
-        self.unsynced = 0  # payload bytes written since the last sync
+        self.store_error: OSError | None = None  # the first failed write (resultworker)
+        self.unsynced = 0  # payload bytes written since the last durable point
+        self.plan: AckPlan | None = None  # the acks of the current attempt
+        self.attempt = 0  # one per manifest answered with result.resume
+        self.ack_lock = asyncio.Lock()  # acks leave in the order they were planned
+        self.ack_tasks: set[asyncio.Task[None]] = set()
 
     def begin(self, manifest: Manifest) -> None:
         self.files.begin(manifest)
+        self.store_error = None
         self.manifest = manifest
         n = len(manifest.files)
         self.written, self.durable = [0] * n, [0] * n
@@ -106,7 +117,7 @@ class Upload:
 
     def forget(self, index: int) -> None:
         self.files.discard(index)
-        self.written[index] = self.durable[index] = self.acked[index] = 0
+        self.written[index] = self.durable[index] = 0
         self.digests[index] = hashlib.sha256()
 
     def first_bad(self) -> tuple[int, str] | None:

@@ -1,0 +1,101 @@
+"""The one thread that hashes, writes and syncs every upload's result bytes (§5).
+
+:class:`ResultWorker` runs blocking file work off the server's event loop, in the order
+it was handed over, so that each file's bytes reach the disk in order and a durable
+point covers every write queued before it. Only the event loop may call it.
+
+Chunks are handed over in batches (:data:`BATCH_BYTES` or :data:`BATCH_OPS`, whichever
+comes first) rather than one by one: a hand-over costs a lock, a queue and a thread
+wake-up, which for 10,000 files of 1 KiB cost more than the writing. A 1 MiB chunk is a
+batch of its own. Every other call (:meth:`ResultWorker.run`) first hands over the
+batch being gathered, so order is kept; the caller must therefore queue a durable point
+(or any other call) before it waits for the bytes of the chunks it queued.
+
+A write that fails does not stop the batch: the first ``OSError`` of an upload is kept
+on it and raised by :func:`durable`, so that no ack covers bytes that were not written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from agent.controlplane.upload import ResultFault, Upload
+
+BATCH_BYTES = 1024 * 1024
+BATCH_OPS = 256
+T = TypeVar("T")
+_Store = tuple["Upload", int, int, "bytes | memoryview", bool]
+
+
+class ResultWorker:
+    """One worker thread, started on first use; :meth:`close` ends it (a reopen starts
+    another)."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._batch: list[_Store] = []
+        self._batch_bytes = 0
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="cp-results")
+        return self._executor
+
+    def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run ``fn(*args)`` in the worker after everything handed over before it."""
+        self._hand_over()
+        return asyncio.wrap_future(self._pool().submit(fn, *args))
+
+    def store(
+        self, upload: Upload, index: int, offset: int, payload: bytes | memoryview, last: bool
+    ) -> None:
+        """Queue: hash and write ``payload`` at ``offset`` of file ``index`` (``last``: the
+        file is then complete). ``payload`` must not change until a later :meth:`run`
+        returns (a view of a received frame never does)."""
+        self._batch.append((upload, index, offset, payload, last))
+        self._batch_bytes += len(payload)
+        if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= BATCH_OPS:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._batch:
+            batch, self._batch, self._batch_bytes = self._batch, [], 0
+            self._pool().submit(_store_all, batch)  # errors are kept on the upload
+
+    def close(self, last: Callable[[], None]) -> None:
+        """Run ``last`` once everything queued is done, then end the thread. Blocks."""
+        self._hand_over()
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.submit(last).result()
+            executor.shutdown()
+
+
+def _store_all(batch: list[_Store]) -> None:
+    """In the worker: hash and write each chunk (hashlib and pwrite release the GIL)."""
+    for upload, index, offset, payload, last in batch:
+        if upload.store_error is not None:
+            continue  # the upload's bytes are already wrong; durable() says so
+        try:
+            upload.files.write(index, offset, payload)
+            if last:
+                upload.files.complete(index)
+        except OSError as exc:
+            upload.store_error = exc
+            continue
+        upload.digests[index].update(payload)
+
+
+def durable(upload: Upload, fault: ResultFault | None = None) -> None:
+    """In the worker: a durable point of ``upload``, held first while a test's
+    ``hold_durable`` is. Raises the ``OSError`` of a failed write, or of the sync."""
+    if fault is not None and fault.hold_durable is not None:
+        fault.durable_waiting.set()
+        fault.hold_durable.wait()
+    if upload.store_error is not None:
+        raise upload.store_error
+    upload.files.durable()
