@@ -87,6 +87,11 @@ def _ended(e: Mapping[str, Any]) -> str:
     return text
 
 
+def _operator(e: Mapping[str, Any]) -> str:
+    # Who did what on the node: the uid the control socket's kernel check saw.
+    return f"{e.get('command')} by uid {e.get('uid')} (pid {e.get('pid')})"
+
+
 def _other(e: Mapping[str, Any]) -> str:
     return " ".join(
         f"{k}={json.dumps(v, sort_keys=True)}" for k, v in sorted(e.items()) if k not in _COMMON
@@ -100,6 +105,7 @@ _FACTS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "result_range_resent": _resent,
     "result_accepted": _accepted,
     "job_ended": _ended,
+    "operator_action": _operator,
 }
 
 

@@ -3,7 +3,9 @@
 Exit codes: 0 success; 1 failure (the daemon stopped on an error, the node is
 unhealthy for ``status``, the audit chain is broken or the ledger is unreadable for
 ``audit``, where a ledger not yet created is 0); 3 no daemon answers (as LSB's "program
-is not running");
+is not running"); for ``drain``, ``undrain``, ``cancel``, ``reconnect``: 69 no agent
+listens on the control socket (EX_UNAVAILABLE), 77 the socket refused the caller
+(EX_NOPERM), 1 the agent refused the command (an unknown job);
 78 the configuration is invalid, or ``run`` found a state directory it cannot make
 private (EX_CONFIG: systemd's RestartPreventExitStatus; a restart would fail the same way);
 and 0 too when stdout's reader went away (``| head``): it took what it wanted.
@@ -24,9 +26,11 @@ from pathlib import Path
 from agent.cliparser import build_parser
 from agent.config import Config, default_config_path, load_config
 from agent.config.loading import load_sections
+from agent.control.client import ControlFailed, ControlRefused, ControlUnavailable
 from agent.errors import ConfigError, DaemonUnreachable, StateDirError
 
 EX_OK, EX_FAIL, EX_NOT_RUNNING, EX_CONFIG = 0, 1, 3, 78
+EX_UNAVAILABLE, EX_NOPERM = 69, 77  # sysexits.h: the operator's commands (agent.control)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    from agent.journal_stderr import install
+
+    install()  # under systemd, `journalctl -p err` must see the lines printed below
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
@@ -60,13 +67,15 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "gpus":
             return _gpus(args.config, as_json=args.json)
         if args.command == "status":
-            return _status(args.config, args.address, as_json=args.json)
+            return _status(args.config, args.address, as_json=args.json, watch_s=args.watch)
         if args.command == "jobs" and (args.all or args.state or args.since):
             return _jobs_all(args.config, args.state, args.since, as_json=args.json)
         if args.command == "jobs":
             return _jobs(args.config, args.address, as_json=args.json)
         if args.command == "logs":
             return _logs(args.config, args.job, args.tail)
+        if args.command in ("drain", "undrain", "cancel", "reconnect"):
+            return _control(args.config, args.command, getattr(args, "job", None))
         if args.command == "audit":
             if args.reset_anchor:
                 return _audit_reset_anchor(args.config)
@@ -79,6 +88,15 @@ def _main(argv: Sequence[str] | None) -> int:
     except StateDirError as exc:
         print(f"cloudbender-agent: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except ControlRefused as exc:
+        print(f"cloudbender-agent {args.command}: {exc}", file=sys.stderr)
+        return EX_NOPERM
+    except ControlUnavailable as exc:
+        print(f"cloudbender-agent {args.command}: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except ControlFailed as exc:
+        print(f"cloudbender-agent {args.command}: {exc}", file=sys.stderr)
+        return EX_FAIL
     except DaemonUnreachable as exc:
         print(f"cloudbender-agent: {exc}", file=sys.stderr)
         return EX_NOT_RUNNING
@@ -100,9 +118,9 @@ def _print_config_problems(path: Path | None, exc: ConfigError) -> None:
 
 def _run(path: Path | None) -> int:
     config = load_config(path)
-    from agent.daemon import serve
     from agent.gpu.nvml import NvmlBackend
     from agent.runtime.docker import DockerRuntime
+    from agent.service import serve
 
     return serve(
         config,
@@ -267,9 +285,28 @@ def _logs(path: Path | None, job: str, tail: int | None) -> int:
     return EX_OK
 
 
-def _status(path: Path | None, address: str | None, *, as_json: bool) -> int:
+def _control(path: Path | None, command: str, job_id: str | None) -> int:
+    from agent.control.client import send
+
+    # Lenient: an operator in the group usually cannot read the root-only config, and the
+    # defaults name the socket the unit makes.
+    control = _local_config(path, ["control"], unreadable_ok=True).control
+    print(send(control.socket, command, job_id, group=control.group))
+    return EX_OK
+
+
+def _status(
+    path: Path | None, address: str | None, *, as_json: bool, watch_s: float | None = None
+) -> int:
     from agent.statuscmd import fetch_status, render_status
 
+    if watch_s is not None:
+        from agent.statuswatch import watch
+
+        where = _health_address(path, address)
+        show = (lambda d: json.dumps(d, indent=2, sort_keys=True)) if as_json else render_status
+        watch(lambda: fetch_status(where), show, watch_s, sys.stdout)
+        return EX_OK  # Ctrl-C is how a watch ends
     document = fetch_status(_health_address(path, address))
     print(json.dumps(document, indent=2, sort_keys=True) if as_json else render_status(document))
     return EX_OK if document.get("healthy") else EX_FAIL

@@ -7,7 +7,9 @@ place that turns errors into exit codes.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from agent import __version__
 
@@ -57,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     status = with_config(sub.add_parser("status", help="ask the running daemon how the node is"))
     status.add_argument("--json", action="store_true", help="the daemon's /status document")
     status.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=float,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C, like nvidia-smi -l",
+    )
+    status.add_argument(
         "--address", metavar="HOST:PORT", help="health server address (default: health.listen)"
     )
     jobs = with_config(
@@ -87,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     logs.add_argument("job", metavar="JOB", help="the job's id")
     logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+    _operator_commands(sub, with_config)
     audit = with_config(sub.add_parser("audit", help="the egress ledger: what left this site"))
     audit.add_argument("--job", metavar="ID", help="only this job's entries")
     audit.add_argument("--json", action="store_true", help="JSON lines, as in the ledger")
@@ -122,3 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to put everything (default: a new /tmp/cloudbender-demo-* directory)",
     )
     return parser
+
+
+def _operator_commands(sub: Any, with_config: Callable[[Any], Any]) -> None:
+    # Over the control socket (root or control.group); exit 77 when refused, 69 when
+    # no agent listens.
+    with_config(sub.add_parser("drain", help="stop taking new jobs; running ones finish"))
+    with_config(sub.add_parser("undrain", help="take new jobs again after drain"))
+    cancel = with_config(sub.add_parser("cancel", help="stop a job on this node now"))
+    cancel.add_argument("job", metavar="JOB", help="the job's id")
+    with_config(sub.add_parser("reconnect", help="close the control-plane link and redial now"))

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import structlog
@@ -44,6 +44,7 @@ from websockets.typing import Subprotocol
 from agent import logs
 from agent.config import ControlPlaneConfig, is_loopback_host
 from agent.health.facts import ControlPlaneFacts
+from agent.link import SessionHandler
 from agent.link_report import LinkReport
 from agent.protocol import MAX_INCOMING_FRAME, SUBPROTOCOL
 from agent.protocol import messages as m
@@ -66,35 +67,6 @@ OPEN_TIMEOUT_S = 15.0
 WELCOME_TIMEOUT_S = 30.0
 CLOSE_TIMEOUT_S = 5.0
 STOP_CLOSE_S = 2.0  # how long a stopping agent waits for the control plane's close frame
-
-
-class Link(Protocol):
-    """What a handler may do with the established session."""
-
-    async def send(self, message: dict[str, Any]) -> None: ...
-
-    async def send_binary(self, header: dict[str, Any], payload: bytes | memoryview) -> None: ...
-
-
-class SessionHandler(Protocol):
-    """The application side (jobs, results, artifacts) of a session.
-
-    Callbacks run on the receive path: they must return quickly and leave long work to
-    tasks of their own, or the session stops reading (and keepalive pongs are delayed).
-    An exception from a callback ends the session (logged, close 1011, reconnect).
-    """
-
-    def hello_jobs(self) -> list[dict[str, str]]: ...
-
-    async def on_established(self, link: Link) -> None: ...
-
-    async def on_message(self, link: Link, message: m.Incoming) -> None: ...
-
-    async def on_invalid_assignment(self, link: Link, job_id: str, detail: str) -> None: ...
-
-    async def on_peer_error(self, link: Link, error: s.PeerError) -> None: ...
-
-    def on_closed(self) -> None: ...
 
 
 class _NoRedirects(connect):

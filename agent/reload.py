@@ -9,7 +9,10 @@ from agent.config import Config
 
 # Dotted keys whose new value takes effect on reload. Everything else (identity, the
 # control-plane connection, the state directory, the health listener, the engine
-# address) is bound into long-lived objects at start and needs a restart.
+# address) is bound into long-lived objects at start and needs a restart. A key listed
+# here must be read through the daemon's config callable wherever a job uses it (never
+# copied at start: agent.jobs.setup), and has a test that a SIGHUP changes the next job
+# (tests/unit/test_reload_live.py lists them).
 RELOADABLE = (
     "datastores",
     "runtime.allowed_images",

@@ -17,6 +17,7 @@ from typing import Any
 from agent.config import split_host_port
 from agent.errors import DaemonUnreachable
 from agent.escaping import escape
+from agent.health.node_rows import render_node_rows
 from agent.health.server import LOOPBACK_HTTP
 
 TIMEOUT_S = 5.0
@@ -84,6 +85,7 @@ def render_status(doc: dict[str, Any]) -> str:
     for problem in doc.get("problems") or []:
         lines.append(f"  ! {problem.get('detail')}")
     lines.extend(_control_plane_lines(doc.get("control_plane") or {}))
+    lines.extend(render_node_rows(doc))
     lines.extend(_gpu_lines(doc.get("gpus") or {}))
     host = doc.get("host") or {}
     if host:

@@ -8,6 +8,7 @@ administrator believing a job may use more than it will get.
 
 from __future__ import annotations
 
+import grp
 import os
 
 import psutil
@@ -34,4 +35,19 @@ def host_warnings(config: Config, *, cpus: int | None = None) -> list[str]:
             f"limits.max_cpus: {limits.max_cpus:g} is more than this node's {cpus} CPU(s); "
             f"a job gets at most {cpus}"
         )
+    control = config.control
+    if "group" in control.model_fields_set and not _group_exists(control.group):
+        # Root can still use the control socket; nobody else can until the group exists.
+        warnings.append(
+            f"control.group: group {config.control.group!r} does not exist on this host; "
+            f"only root may use the control socket (groupadd --system {config.control.group})"
+        )
     return warnings
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True

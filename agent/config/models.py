@@ -312,6 +312,31 @@ class ModelsConfig(_Section):
     cache_max_mib: PositiveInt = 51200
 
 
+# A Unix socket's path must fit sockaddr_un.sun_path (108 bytes, with the final NUL).
+MAX_SOCKET_PATH = 107
+
+
+class ControlConfig(_Section):
+    """The operator's control socket (``drain``, ``cancel``...): root and ``group`` only."""
+
+    socket: FsPath = Path("/run/cloudbender-agent/control.sock")
+    group: str = Field(default="cloudbender-admin", pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+
+    @field_validator("socket")
+    @classmethod
+    def _check_socket(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise _problem("socket_relative", "must be an absolute path, not {path}", path=value)
+        if len(os.fsencode(value)) > MAX_SOCKET_PATH:
+            raise _problem(
+                "socket_too_long",
+                "{path} is longer than the {n} bytes a Unix socket path may have",
+                path=value,
+                n=MAX_SOCKET_PATH,
+            )
+        return value
+
+
 class HealthConfig(_Section):
     # Declared before ``listen`` so that the listen validator can see it.
     allow_remote: bool = False
@@ -358,6 +383,7 @@ class Config(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     results: ResultsConfig = Field(default_factory=ResultsConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 

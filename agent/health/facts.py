@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.gpu.base import GpuInventory
+from agent.health.diskfloor import disk_floor_problem
 from agent.jobs.tally import JobTally
 from agent.protocol.session import Stats
 from agent.runtime.base import RuntimeInfo
@@ -121,15 +122,23 @@ class NodeFacts:
     # The job manager's counts of ended jobs (its reads are thread-safe); None until
     # the job system is built.
     tally: JobTally | None = None
-    # Whether the node takes no new jobs. Nothing sets it yet: it is here so that the
-    # metric exists (0) before `drain` does, and `drain` has one fact to set.
+    # Whether the node takes no new jobs: set by the operator's drain and undrain
+    # (agent.control.commands), and at start from the drained flag in state_dir.
     draining: bool = False
+    # Changed keys the running agent keeps its start values for, as the last SIGHUP
+    # reload found them (agent.reload); empty once the file matches again.
+    pending_restart: tuple[str, ...] = ()
+
+    def set_runtime(self, info: RuntimeInfo) -> None:
+        """Replace the engine's facts (agent.runtime.watch publishes here, from any thread)."""
+        self.runtime = info
 
 
 def assess(
     facts: NodeFacts,
     *,
     max_disconnected_s: float,
+    min_free_mib: int | None = None,
     now: float | None = None,
     monotonic_now: float | None = None,
 ) -> list[Problem]:
@@ -144,6 +153,8 @@ def assess(
         )
     if facts.state_dir_problem is not None:
         problems.append(facts.state_dir_problem)
+    if (low := disk_floor_problem(facts.host, min_free_mib)) is not None:
+        problems.append(low)
     if facts.gpus is not None:
         for gpu in facts.gpus.gpus:
             if gpu.health != "ok":
@@ -152,7 +163,8 @@ def assess(
                     Problem(f"gpu_{gpu.health}", f"GPU {gpu.index} ({gpu.uuid}): {why}")
                 )
     if facts.runtime is not None and not facts.runtime.reachable:
-        detail = f"container engine unreachable: {facts.runtime.error or 'no answer'}"
+        # In words, with the socket: "the Docker engine does not answer on unix://…".
+        detail = facts.runtime.error or "the container engine does not answer"
         problems.append(Problem("container_engine_unreachable", detail))
     cp = facts.control_plane
     if cp.configured and cp.state != "connected":

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from agent import __version__
 from agent.config import Config
 from agent.health.facts import NodeFacts, Problem
+from agent.health.node_rows import node_rows
 
 
 def _redacted_url(url: str) -> str:
@@ -45,4 +46,5 @@ def status_document(facts: NodeFacts, config: Config, problems: list[Problem]) -
         "datastores": [{"name": d.name, "description": d.description} for d in config.datastores],
         "runtime": facts.runtime.to_dict() if facts.runtime is not None else None,
         "jobs": [{**job, "age_s": round(now - job["created_at"], 1)} for job in facts.jobs],
+        **node_rows(facts, config),
     }

@@ -12,7 +12,8 @@ problems of its kind): ``bad_spec``, ``unknown_datastore``, ``image_not_allowed`
 
 Decided by :func:`node_refusal`, after :func:`admit`, from facts the job manager gives
 it: ``no_capacity`` (every slot held, or too many ended jobs waiting for ``job.ack``) and
-``no_space`` (the state directory under ``limits.min_free_mib``). Not decided here:
+``no_space`` (the state directory under ``limits.min_free_mib``), and before both
+``runtime_unavailable`` (the container engine does not answer). Not decided here:
 ``draining`` and ``duplicate_job``, which depend on the manager's lifecycle and store.
 
 A ``Rejected.detail`` goes off-site. It never contains a host path (a datastore's path,
@@ -262,13 +263,21 @@ ACK_BACKLOG_PER_SLOT = 4
 
 
 def node_refusal(
-    limits: LimitsConfig, *, active: int, ended_unacked: int, free_mib: int | None
+    limits: LimitsConfig,
+    *,
+    active: int,
+    ended_unacked: int,
+    free_mib: int | None,
+    engine_up: bool = True,
 ) -> Rejected | None:
     """The refusals that depend on the node's state rather than the assignment, checked
-    after :func:`admit`, in this order: ``no_capacity`` when every slot is held, or when
+    after :func:`admit`, in this order: ``runtime_unavailable`` while the container engine
+    does not answer (agent.runtime.watch); ``no_capacity`` when every slot is held, or when
     ``ACK_BACKLOG_PER_SLOT`` times the slots ended jobs wait for their ``job.ack``; ``no_space``
     when the state directory has less than ``limits.min_free_mib`` free (``free_mib``
     None: unknown, not refused here). Pure."""
+    if not engine_up:  # no host path here: the socket is named in /healthz, not off-site
+        return Rejected("runtime_unavailable", "the node's container engine does not answer")
     slots = limits.max_concurrent_jobs
     if active >= slots:
         return Rejected("no_capacity", f"all {slots} job slots are busy")

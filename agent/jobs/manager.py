@@ -1,4 +1,4 @@
-"""The job manager: the session handler for jobs (docs/protocol.md §4).
+"""The job manager: what the control plane says about jobs (docs/protocol.md §4).
 
 It answers ``job.assign`` (idempotent; admission policy; slots), ``job.cancel`` and
 ``job.ack``; runs one :class:`~agent.jobs.runner.JobRunner` task per job; and is the one
@@ -25,18 +25,17 @@ import structlog
 
 from agent.audit import AuditLedger
 from agent.config import Config
-from agent.connection import Link
 from agent.errors import AgentError
 from agent.gpu.base import GpuInventory
 from agent.jobs.admission import Admitted, Rejected, admit, node_refusal
 from agent.jobs.model import ORDER, State, check_transition
+from agent.jobs.operator import cancellable
 from agent.jobs.runner import JobRunner, Resume, RunnerContext
 from agent.jobs.store import JobRecord, JobStore
 from agent.jobs.tally import JobTally
-from agent.jobs.uplink import Uplink
+from agent.link import Uplink
 from agent.loops import until_done
 from agent.protocol import messages as m
-from agent.protocol.session import PeerError
 from agent.runtime.base import ContainerState
 
 log = structlog.get_logger(__name__)
@@ -45,6 +44,9 @@ NOT_RECORDED = "job_end_not_recorded"
 
 
 class JobManager:
+    """Every job of this node from assignment to ``job.ack``; see the module doc. The
+    job list it keeps is the unacknowledged jobs; the store has the rest."""
+
     def __init__(
         self,
         *,
@@ -56,6 +58,7 @@ class JobManager:
         gpu_support: Callable[[], bool],
         gpus: Callable[[], GpuInventory | None],
         audit: AuditLedger | None = None,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._config = config
         self._store = store
@@ -70,49 +73,31 @@ class JobManager:
         self._runners: dict[str, JobRunner] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.tally = JobTally(lambda: uplink.payload_bytes_sent)
-        self.routes: list[Callable[[m.Incoming], bool]] = []
-        self.error_routes: list[Callable[[m.ErrorMessage], bool]] = []
-        self.on_session: list[Callable[[], None]] = []
         # Called after every change of the job list, for /status and metrics.
-        self.on_change: list[Callable[[], None]] = []
+        self._on_change = on_change
+        self.draining = False  # the operator's drain: new assignments rejected draining
 
-    # -- SessionHandler -----------------------------------------------------------------
+    # -- what the control plane says (through agent.dispatch) --------------------------
 
     def hello_jobs(self) -> list[dict[str, str]]:
         return [{"job_id": r.job_id, "state": r.state.value} for r in self._records.values()]
 
-    async def on_established(self, link: Link) -> None:
-        self.uplink.attach(link)
+    async def session_started(self) -> None:
+        """After every ``welcome``: the current state of every job (§3, ``hello.jobs``)."""
         for record in list(self._records.values()):
             await self._send_state(record)
-        for hook in self.on_session:
-            hook()
 
-    def on_closed(self) -> None:
-        self.uplink.detach()
-
-    async def on_message(self, link: Link, message: m.Incoming) -> None:
+    async def on_job_message(self, message: m.JobAssign | m.JobCancel | m.JobAck) -> None:
         if isinstance(message, m.JobAssign):
             await self._assign(message)
         elif isinstance(message, m.JobCancel):
             await self._cancel(message.job_id)
-        elif isinstance(message, m.JobAck):
+        else:
             await self._ack(message.job_id)
-        elif not any(route(message) for route in self.routes):
-            job_id = getattr(message, "job_id", None)
-            if job_id is not None and not isinstance(message, m.ArtifactChunk):
-                await self.uplink.send(m.error("unknown_job", job_id, ref=message.type))
-            else:
-                log.info("message_dropped", type=type(message).__name__)
 
-    async def on_invalid_assignment(self, link: Link, job_id: str, detail: str) -> None:
+    async def reject_invalid(self, job_id: str, detail: str) -> None:
+        """An assignment the session could not validate: ``bad_spec`` with the reason."""
         await self.uplink.send(m.job_rejected(job_id, "bad_spec", detail))
-
-    async def on_peer_error(self, link: Link, error: PeerError) -> None:
-        message = m.ErrorMessage(type="error", code=error.code, detail=error.detail, ref=error.ref)
-        for route in self.error_routes:
-            if route(message):
-                return
 
     # -- assign / cancel / ack ----------------------------------------------------------
 
@@ -124,6 +109,9 @@ class JobManager:
                 await self._reject(job_id, "duplicate_job", f"job {job_id} has already ended")
             else:  # a repeat: the job exists, nothing more to start
                 await self.uplink.send(m.job_accepted(job_id))
+            return
+        if self.draining:  # after the repeat check: an accepted job's repeat stays accepted
+            await self._reject(job_id, "draining", "the node's operator stopped new work")
             return
         config = self._config()
         decision = admit(
@@ -141,6 +129,7 @@ class JobManager:
             active=self.active(),
             ended_unacked=self.unacknowledged_ended(),
             free_mib=self._free_mib(),
+            engine_up=self._ctx.engine is None or self._ctx.engine.up,
         )
         if refusal is not None:
             await self._reject(job_id, refusal.code, refusal.detail)
@@ -196,6 +185,11 @@ class JobManager:
             return  # cancelling an ended job changes nothing
         log.info("job_cancel_requested", job_id=job_id, state=record.state.value)
         runner.cancel_requested.set()
+
+    def cancellable(self, job_id: str) -> JobRunner:
+        """For the operator's cancel (agent.jobs.operator). Raises ``CancelRefused``."""
+        record = self._records.get(job_id) or self._store.get(job_id)
+        return cancellable(job_id, record, self._runners.get(job_id))
 
     async def _ack(self, job_id: str) -> None:
         record = self._records.get(job_id) or self._store.get(job_id)
@@ -330,8 +324,7 @@ class JobManager:
         await self._send_state(record)
 
     def _changed(self) -> None:
-        for hook in self.on_change:
-            hook()
+        self._on_change()
 
     async def _send_state(self, record: JobRecord) -> None:
         await self.uplink.send(
@@ -357,6 +350,12 @@ class JobManager:
             return shutil.disk_usage(self._ctx.outputs.jobs_dir.parent).free // (1024 * 1024)
         except OSError:
             return None
+
+    def abandoned(self, job_id: str) -> bool:
+        """Whether a container of ``job_id`` is nobody's: no runner holds it and the job
+        ended or is unknown (an unfinished one waits for recovery). For the reaper."""
+        record = self._records.get(job_id) or self._store.get(job_id)
+        return job_id not in self._runners and (record is None or record.state.terminal)
 
     def unacknowledged_ended(self) -> int:
         """Jobs that ended and wait for the control plane's ``job.ack``."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -175,9 +176,13 @@ class Usage:
 class OutputVolumes:
     """The output file systems of every job under ``jobs_dir``."""
 
-    def __init__(self, jobs_dir: Path, job_user: str, mounter: Mounter | None = None) -> None:
+    def __init__(
+        self, jobs_dir: Path, job_user: str | Callable[[], str], mounter: Mounter | None = None
+    ) -> None:
         self.jobs_dir = jobs_dir
-        self._uid, self._gid = (int(x) for x in job_user.split(":"))
+        # A callable is read at each create: a reload of runtime.job_user owns the next
+        # job's output, never one already made.
+        self._job_user = job_user if callable(job_user) else (lambda: job_user)
         self._mounter = mounter if mounter is not None else default_mounter()
 
     def job_dir(self, job_id: str) -> Path:
@@ -216,7 +221,7 @@ class OutputVolumes:
                     "-O",
                     "^has_journal,^resize_inode",
                     "-E",
-                    f"root_owner={self._uid}:{self._gid},lazy_itable_init=1,nodiscard",
+                    f"root_owner={self._job_user()},lazy_itable_init=1,nodiscard",
                     str(image),
                 ],
                 "making a job's output file system",

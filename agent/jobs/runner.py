@@ -30,10 +30,10 @@ from agent.errors import (
     ImageDigestMismatch,
     ImageNotFound,
     ImagePullFailed,
-    WaitTimeout,
 )
 from agent.faults import crash_point
 from agent.jobs.admission import Admitted
+from agent.jobs.engine import check_not_lost, wait_slice
 from agent.jobs.gpus import GpuLeases
 from agent.jobs.joblogs import JobLogs
 from agent.jobs.model import FAILURE_REASONS, State
@@ -41,6 +41,7 @@ from agent.jobs.outputfs import OutputVolumes
 from agent.models.cache import ModelCache
 from agent.results.delivery import ResultDelivery
 from agent.runtime.base import ContainerSpec, ContainerState, Runtime
+from agent.runtime.watch import EngineWatch
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -92,7 +93,7 @@ class RunnerContext:
     runtime: Runtime
     leases: GpuLeases
     node_id: str
-    job_user: str
+    job_user: Callable[[], str]  # read per job: a reload may change it
     outputs: OutputVolumes
     stop_grace_s: Callable[[], float]
     allow_pull: Callable[[], bool]
@@ -105,6 +106,7 @@ class RunnerContext:
     on_container: Callable[[str, str, tuple[str, ...]], None] | None = None
     job_logs: JobLogs | None = None  # the tail of each job's output, kept before removal
     pull_timeout_s: float = 1800.0
+    engine: EngineWatch | None = None  # agent.jobs.engine: outages end jobs container_lost
 
 
 class JobRunner:
@@ -113,6 +115,7 @@ class JobRunner:
         self._job = job
         self._transition = transition
         self.cancel_requested = asyncio.Event()
+        self.cancel_reason = "cancel_requested"  # or cancelled_on_node (agent.jobs.operator)
         self.container_id: str | None = None
         self.gpus: tuple[str, ...] = ()
         # Set once the container has exited: every ending after that carries it.
@@ -182,7 +185,8 @@ class JobRunner:
             raise JobEnded(State.FAILED, "result_too_large", exited.exit_code)
         if exited.oom_killed:
             raise JobEnded(State.FAILED, "oom_killed", exited.exit_code)
-        if exited.exit_code != 0:
+        if exited.exit_code != 0:  # the job's, unless the engine ended it (container_lost)
+            await check_not_lost(self._ctx.runtime, self._ctx.engine, exited)
             raise JobEnded(State.FAILED, "exit_nonzero", exited.exit_code)
         await self._transition(State.UPLOADING, None, None)
         await self._upload()
@@ -205,7 +209,7 @@ class JobRunner:
         if self._ctx.on_container is not None:
             self._ctx.on_container(self.job_id, self.container_id, self.gpus)
         if self.cancel_requested.is_set():
-            raise JobEnded(State.CANCELLED, "cancel_requested")
+            raise JobEnded(State.CANCELLED, self.cancel_reason)
         try:
             await asyncio.to_thread(self._ctx.runtime.start, self.container_id)
         except ContainerRuntimeError as exc:
@@ -291,7 +295,7 @@ class JobRunner:
             image_id=image_id,
             command=job.command,
             env=dict(job.env),
-            user=self._ctx.job_user,
+            user=self._ctx.job_user(),
             data_dir=job.datastore.path,
             model_dir=model_dir,
             output_dir=output,
@@ -330,7 +334,7 @@ class JobRunner:
             if waiting in done and (exited := waiting.result()) is not None:
                 return exited
             if cancel in done:
-                state, reason = State.CANCELLED, "cancel_requested"
+                state, reason = State.CANCELLED, self.cancel_reason
                 break
             if loop.time() >= deadline:
                 state, reason = State.TIMED_OUT, "timeout"
@@ -348,10 +352,7 @@ class JobRunner:
     def _wait_briefly(self, cid: str) -> ContainerState | None:
         # Waits are short and repeated rather than one long blocking call: a thread
         # blocked on a container that outlives the agent would hold up its exit.
-        try:
-            return self._ctx.runtime.wait(cid, WAIT_SLICE_S)
-        except WaitTimeout:
-            return None
+        return wait_slice(self._ctx.runtime, self._ctx.engine, cid, WAIT_SLICE_S)
 
     async def _until_cancelled(self, awaitable: Awaitable[T]) -> T:
         """Await ``awaitable`` unless the job is cancelled first (then end it cancelled)."""
@@ -365,7 +366,7 @@ class JobRunner:
                 work.cancel()
         if work.done() and not work.cancelled():
             return work.result()
-        raise JobEnded(State.CANCELLED, "cancel_requested")
+        raise JobEnded(State.CANCELLED, self.cancel_reason)
 
     def _release(self) -> None:
         """Give back what only this process holds (GPUs, the model): safe before the

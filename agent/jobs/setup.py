@@ -6,29 +6,35 @@ tests can build the same job system around a real engine without a daemon.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from agent.audit import AuditError, AuditLedger, ledger_path
 from agent.config import Config
+from agent.dispatch import Dispatcher
 from agent.errors import ModelStorageError
 from agent.gpu.base import GpuInventory
 from agent.jobs.gpus import GpuLeases
 from agent.jobs.joblogs import JobLogs, logs_dir
+from agent.jobs.livepool import LivePool
 from agent.jobs.manager import JobManager
 from agent.jobs.outputfs import OutputVolumes
 from agent.jobs.runner import RunnerContext, Signal
 from agent.jobs.store import AuditAnchor, JobStore, StoreError, store_path
-from agent.jobs.uplink import Uplink
+from agent.link import Uplink
 from agent.models.cache import ModelCache
 from agent.models.fetch import ArtifactFetcher
-from agent.protocol import messages as m
 from agent.results.delivery import ResultDelivery
 from agent.results.spool import Spool
 from agent.results.uploader import Uploader
 from agent.runtime.base import Runtime
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -39,6 +45,15 @@ class JobSystem:
     wait_pool: ThreadPoolExecutor
     fetcher: ArtifactFetcher
     audit: AuditLedger
+    session: Dispatcher  # the connection's SessionHandler
+
+    async def janitor_pass(self, retention_s: float) -> None:
+        """Delete results delivered more than ``retention_s`` ago, and forget jobs ended
+        long enough ago (7 days) that a resent assignment is no longer a duplicate."""
+        gone = await asyncio.to_thread(self.ctx.results.spool.purge_delivered, retention_s)
+        if gone:
+            log.info("delivered_results_deleted", jobs=gone)
+        self.store.forget_old()
 
     async def close(self) -> None:
         """Stop runners (containers keep running), release threads, close the store."""
@@ -57,14 +72,13 @@ def build_jobs(
     gpus: Callable[[], GpuInventory | None],
     node_cpus: Callable[[], int],
     gpu_support: Callable[[], bool],
+    on_change: Callable[[], None] = lambda: None,
 ) -> JobSystem:
     """Open the store in ``state_dir`` and build the manager. Raises ``StoreError``."""
     first = config()
     store = JobStore(state_dir / "jobs.db")
     # One thread per running job's wait, plus one spare: see JobRunner._wait_briefly.
-    wait_pool = ThreadPoolExecutor(
-        max_workers=first.limits.max_concurrent_jobs + 1, thread_name_prefix="job-wait"
-    )
+    wait_pool = LivePool(lambda: config().limits.max_concurrent_jobs + 1, "job-wait")
     uplink = Uplink()
     try:
         # The anchor in the job store makes a deleted or shortened ledger fail to open.
@@ -76,15 +90,18 @@ def build_jobs(
     uploader = Uploader(uplink, spool, ledger=audit)
     fetcher = ArtifactFetcher(uplink, state_dir / "artifacts")
     try:
-        models = ModelCache(state_dir / "models", first.models.cache_max_mib, fetcher)
+        models = ModelCache(state_dir / "models", lambda: config().models.cache_max_mib, fetcher)
     except ModelStorageError as exc:
         raise StoreError(str(exc)) from exc
     ctx = RunnerContext(
         runtime=runtime,
         leases=GpuLeases(),
         node_id=first.node.id,
-        job_user=first.runtime.job_user,
-        outputs=OutputVolumes(state_dir / "jobs", first.runtime.job_user),
+        # Every value a SIGHUP may change is read through ``config`` when a job needs
+        # it, never copied here: agent.reload calls them applied (tests/integration/
+        # test_reload_keys.py holds it to that).
+        job_user=lambda: config().runtime.job_user,
+        outputs=OutputVolumes(state_dir / "jobs", lambda: config().runtime.job_user),
         stop_grace_s=lambda: float(config().runtime.stop_grace_s),
         allow_pull=lambda: config().runtime.pull,
         gpu_inventory=gpus,
@@ -108,22 +125,7 @@ def build_jobs(
         gpu_support=gpu_support,
         gpus=gpus,
         audit=audit,
+        on_change=on_change,
     )
-    manager.routes.append(uploader.route)
-    manager.routes.append(_artifact_route(fetcher))
-    manager.error_routes.append(fetcher.on_error)
-    manager.on_session.append(fetcher.on_session)
-    return JobSystem(manager, store, ctx, wait_pool, fetcher, audit)
-
-
-def _artifact_route(fetcher: ArtifactFetcher) -> Callable[[m.Incoming], bool]:
-    def route(message: m.Incoming) -> bool:
-        if isinstance(message, m.ArtifactChunk):
-            fetcher.on_chunk(message)
-            return True
-        if isinstance(message, m.ArtifactEnd):
-            fetcher.on_end(message)
-            return True
-        return False
-
-    return route
+    session = Dispatcher(uplink=uplink, jobs=manager, results=uploader, artifacts=fetcher)
+    return JobSystem(manager, store, ctx, wait_pool, fetcher, audit, session)

@@ -34,6 +34,7 @@ import functools
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -77,16 +78,18 @@ class ModelCache:
     def __init__(
         self,
         root: Path,
-        max_mib: int,
+        max_mib: int | Callable[[], int],
         fetcher: Fetcher,
         *,
         max_model_bytes: int | None = None,
         max_members: int = DEFAULT_MAX_MEMBERS,
     ) -> None:
         self.root = root
-        self.max_bytes = max_mib * MIB
+        # A callable is read at each use, so that a reload of models.cache_max_mib holds
+        # for the next model fetched and the next eviction.
+        self._max_mib = max_mib if callable(max_mib) else (lambda: max_mib)
         self._fetcher = fetcher
-        self._max_model_bytes = self.max_bytes if max_model_bytes is None else max_model_bytes
+        self._model_bytes_cap = max_model_bytes
         self._max_members = max_members
         self._entries: dict[str, Entry] = {}
         self._holders: dict[str, str] = {}  # job_id -> sha256
@@ -238,6 +241,14 @@ class ModelCache:
             leftovers = [Path(entry.path) for entry in entries]
         for leftover in leftovers:
             self._remove_later(leftover, "model_staging_cleanup_failed")
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_mib() * MIB
+
+    @property
+    def _max_model_bytes(self) -> int:
+        return self.max_bytes if self._model_bytes_cap is None else self._model_bytes_cap
 
     def _evict(self) -> None:
         total = self.total_bytes()

@@ -26,15 +26,17 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
 from agent.errors import ModelStorageError, ModelUnavailable
 from agent.fsutil import discard_tree
+from agent.link import Uplink
 from agent.models.download import Download
 from agent.protocol import messages as m
 from agent.protocol.messages import ArtifactChunk, ArtifactEnd
+from agent.protocol.session import PeerError
 
 log = structlog.get_logger(__name__)
 
@@ -42,30 +44,6 @@ log = structlog.get_logger(__name__)
 RECHECK_S = 1.0
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PREFIX = "artifact-"
-
-
-class SessionUplink(Protocol):
-    """What the fetcher needs of :class:`agent.jobs.uplink.Uplink`."""
-
-    @property
-    def connected(self) -> bool: ...
-
-    @property
-    def generation(self) -> int: ...
-
-    async def wait_connected(self) -> int: ...
-
-    async def send(self, message: dict[str, Any]) -> bool: ...
-
-
-class PeerErrorLike(Protocol):
-    """An ``error`` from the CP: ``ErrorMessage`` or the session's ``PeerError``."""
-
-    @property
-    def code(self) -> str: ...
-
-    @property
-    def detail(self) -> str | None: ...
 
 
 @dataclass(eq=False)
@@ -86,9 +64,7 @@ class ArtifactFetcher:
     cap). Construct on the event loop's thread at startup; :meth:`close` at shutdown.
     """
 
-    def __init__(
-        self, uplink: SessionUplink, spool_dir: Path, *, max_bytes: int | None = None
-    ) -> None:
+    def __init__(self, uplink: Uplink, spool_dir: Path, *, max_bytes: int | None = None) -> None:
         self._uplink = uplink
         self.spool_dir = spool_dir
         self._max_bytes = max_bytes
@@ -259,7 +235,7 @@ class ArtifactFetcher:
             flight.asked = None
         flight.wake.set()
 
-    def on_error(self, error: PeerErrorLike) -> bool:
+    def on_error(self, error: PeerError) -> bool:
         """Fail the download an ``unknown_artifact`` error names. True if there was one."""
         if error.code != "unknown_artifact" or error.detail is None:
             return False

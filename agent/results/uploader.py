@@ -28,7 +28,7 @@ import structlog
 
 from agent.errors import AgentError
 from agent.faults import crash_point
-from agent.jobs.uplink import Uplink
+from agent.link import Uplink
 from agent.protocol import MAX_CHUNK_PAYLOAD
 from agent.protocol import messages as m
 from agent.protocol.results import (

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -159,8 +160,33 @@ class DockerRuntime:
                 version = self._client().version().get("Version")
             _, gpu = self._engine_facts()
         except Exception as exc:  # the contract: never raises
-            return RuntimeInfo("docker", None, False, False, str(exc) or type(exc).__name__)
+            return RuntimeInfo("docker", None, False, False, self._unanswered(exc))
         return RuntimeInfo("docker", version, gpu, True, None)
+
+    def _unanswered(self, exc: BaseException) -> str:
+        # What /healthz and the engine_down line say: the socket in words, not the HTTP
+        # library's nested repr (that goes to the debug log).
+        log.debug("engine_call_failed", engine=self._host, error=str(exc))
+        if isinstance(exc, RuntimeUnavailable):
+            return f"the Docker engine does not answer on {self._host}"
+        return f"the Docker engine on {self._host} answered with an error: {exc}"
+
+    def kill_signals(self, container_id: str, since: datetime | None) -> list[str]:
+        """The signals the engine sent the container since ``since`` (its ``kill``
+        events, oldest first): ``docker stop``/``kill``, and the engine's own SIGTERM
+        then SIGKILL when it shuts down. A job that ends by itself has none. From the
+        engine's recent-events buffer, lost when the engine restarts. Raises
+        :class:`~agent.errors.RuntimeUnavailable`."""
+        until = datetime.now(UTC)
+        with _engine(f"reading the events of container {container_id[:12]}"):
+            events = self._client().api.events(
+                since=since or until,
+                until=until,
+                filters={"container": container_id, "event": "kill"},
+                decode=True,
+            )
+            found = [e for e in events if isinstance(e, dict)]
+        return [str((e.get("Actor") or {}).get("Attributes", {}).get("signal", "?")) for e in found]
 
     def create(self, spec: ContainerSpec) -> str:
         kwargs = create_kwargs(spec)

@@ -35,8 +35,12 @@ def valid_config(tmp_path: Path, *, control_plane: bool = True) -> dict[str, Any
         "state_dir": str(tmp_path / "state"),
         "datastores": [{"name": "vitals", "path": str(data_dir), "description": "ICU vitals"}],
         "health": {"listen": f"127.0.0.1:{free_port()}"},
+        # Each daemon its own control socket (a Unix socket path is at most 107 bytes).
+        "control": {"socket": str(tmp_path / "control.sock")},
         "logging": {"level": "info", "format": "json"},
     }
+    if len(str(tmp_path / "control.sock")) > 100:
+        del config["control"]  # the default's directory is missing outside the unit
     if control_plane:
         # A loopback port where nothing listens: a daemon started with it never leaves the machine.
         url = f"wss://127.0.0.1:{free_port()}/agent/v1"

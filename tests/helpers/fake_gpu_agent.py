@@ -2,7 +2,7 @@
 
 Usage: python tests/helpers/fake_gpu_agent.py SCENARIO CONFIG_PATH
 
-Everything but the GPU driver is the product's own code path (``agent.daemon.serve``,
+Everything but the GPU driver is the product's own code path (``agent.service.serve``,
 the NvmlBackend, the health server, signals, sd_notify).
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from agent.config import load_config
-from agent.daemon import serve
 from agent.gpu.nvml import NvmlBackend
 from agent.runtime.docker import DockerRuntime
+from agent.service import serve
 from tests.fakes.nvml import FakeNvml, two_gpu_fake
 
 

@@ -91,7 +91,7 @@ class FakeJobs:
     async def assign(self, job_id: str, **fields: Any) -> None:
         message = {"type": "job.assign", "job_id": job_id, "image": {"ref": IMAGE}}
         message |= {"datastore": "vitals", **fields}
-        await self.system.manager.on_message(self.link, m.JobAssign.model_validate(message))
+        await self.system.session.on_message(self.link, m.JobAssign.model_validate(message))
 
     async def ended(self, job_id: str) -> dict[str, Any]:
         """The job's terminal ``job.state``, once its runner has also cleaned up (the
@@ -102,12 +102,12 @@ class FakeJobs:
         return end
 
     async def cancel(self, job_id: str) -> None:
-        await self.system.manager.on_message(
+        await self.system.session.on_message(
             self.link, m.JobCancel.model_validate({"type": "job.cancel", "job_id": job_id})
         )
 
     async def ack(self, job_id: str) -> None:
-        await self.system.manager.on_message(
+        await self.system.session.on_message(
             self.link, m.JobAck.model_validate({"type": "job.ack", "job_id": job_id})
         )
 
@@ -146,7 +146,7 @@ async def fake_jobs(
     )
     system.ctx.outputs = OutputVolumes(state_dir / "jobs", config.runtime.job_user, NoMount())
     link = CapturingLink()
-    await system.manager.on_established(link)
+    await system.session.on_established(link)
     try:
         yield FakeJobs(engine, system, link, config, state_dir)
     finally:

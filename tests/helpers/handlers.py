@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.connection import Link
+from agent.link import Link
 from agent.protocol import messages as m
 from agent.protocol.session import PeerError
 

@@ -28,6 +28,7 @@ import pytest
 import structlog
 
 import agent.daemon
+import agent.sampling
 from agent.config import load_config
 from agent.daemon import Daemon
 from agent.gpu.base import GpuInventory
@@ -278,13 +279,13 @@ def test_sampler_and_state_dir_check_failing_with_emfile_do_not_end_the_daemon(
     calls: dict[str, int] = {}
     monkeypatch.setattr(agent.daemon, "SAMPLE_INTERVAL_S", seconds(0.02))
     monkeypatch.setattr(agent.daemon, "STATE_DIR_CHECK_S", seconds(0.02))
-    monkeypatch.setattr(agent.daemon, "HostSampler", lambda _: _OutOfDescriptors(calls, "host"))
+    monkeypatch.setattr(agent.sampling, "HostSampler", lambda _: _OutOfDescriptors(calls, "host"))
 
     def state_dir_check(_: Path) -> None:
         calls["state_dir"] = calls.get("state_dir", 0) + 1
         raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
 
-    monkeypatch.setattr(agent.daemon, "check_state_dir", state_dir_check)
+    monkeypatch.setattr(agent.sampling, "check_state_dir", state_dir_check)
     config = load_config(write_config(tmp_path, valid_config(tmp_path, control_plane=False)))
     daemon = Daemon(
         config,

@@ -30,8 +30,9 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from agent.config import ControlPlaneConfig, parse_config
-from agent.connection import Connection, Link, proxy_for
+from agent.connection import Connection, proxy_for
 from agent.health.facts import ControlPlaneFacts
+from agent.link import Link
 from agent.protocol import MAX_INCOMING_FRAME, SUBPROTOCOL
 from agent.protocol import messages as m
 from agent.protocol.retry import Backoff

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 
 from agent.config import parse_config
-from agent.connection import Connection, Link
+from agent.connection import Connection
 from agent.controlplane import ControlPlane
 from agent.errors import ModelChecksumMismatch, ModelUnavailable
 from agent.health.facts import ControlPlaneFacts
-from agent.jobs.uplink import Uplink
+from agent.link import Link, Uplink
 from agent.models.cache import ModelCache
 from agent.models.fetch import ArtifactFetcher
 from agent.protocol import messages as m

@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from agent.audit import GENESIS, AuditError, AuditLedger, ledger_path, read, verify
 from agent.auditcmd import render_entry
-from agent.jobs.uplink import Uplink
+from agent.link import Uplink
 from agent.protocol import messages as m
 from agent.results.scan import ResultFile
 from agent.results.spool import Manifest, Spool

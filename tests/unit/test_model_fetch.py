@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from agent.errors import ModelChecksumMismatch, ModelUnavailable
-from agent.jobs.uplink import Uplink
+from agent.link import Uplink
 from agent.models.download import MAX_SHORT_ENDS
 from agent.models.fetch import ArtifactFetcher
 from agent.protocol import messages as m

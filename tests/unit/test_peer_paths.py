@@ -23,7 +23,7 @@ from agent.controlplane import manifest as cp_manifest
 from agent.controlplane.resultfiles import JobFiles
 from agent.jobs.admission import Rejected, admit
 from agent.jobs.outputfs import OutputVolumes
-from agent.jobs.uplink import Uplink
+from agent.link import Uplink
 from agent.models.fetch import ArtifactFetcher
 from agent.paths import UnsafeName, check_component, child
 from agent.protocol import messages as m

@@ -101,3 +101,17 @@ def test_run_is_read_only() -> None:
     # A RuntimeDirectory= (its own /run/cloudbender-agent) stays writable: systemd
     # exempts it from ReadOnlyPaths=. Nothing else under /run may be opened again.
     assert not [p for p in writable if p.lstrip("-+") == "/run" or p.startswith("/run/")]
+
+
+def test_the_control_socket_directory_is_the_units_runtime_directory() -> None:
+    """Attack (operational): with ReadOnlyPaths=/run the agent cannot create its control
+    socket, or creates it where the operator's group cannot reach it, and `drain` fails
+    on the day it is needed. The unit must make /run/cloudbender-agent (writable under
+    ReadOnlyPaths=/run, as a RuntimeDirectory=) with a mode the group can traverse, and
+    it must be where the config's default socket lives."""
+    from agent.config import Config
+
+    d = _directives(UNIT.read_text())
+    assert d["RuntimeDirectory"] == ["cloudbender-agent"]
+    assert int(d["RuntimeDirectoryMode"][0], 8) & 0o011 == 0o011  # group and others: x
+    assert Config().control.socket.parent == Path("/run") / d["RuntimeDirectory"][0]

@@ -1,22 +1,59 @@
-"""The current control-plane session, for parts that outlive sessions (jobs, fetches).
+"""The session as the parts that outlive sessions see it: no sockets, no websockets.
+
+:class:`Link` is what a handler may do with an established session,
+:class:`SessionHandler` what the connection calls with what the control plane says
+(``agent.dispatch.Dispatcher`` is the agent's one), and :class:`Uplink` the current
+session for parts that outlive sessions (jobs, result uploads, model fetches).
+``agent.connection`` implements and calls these; jobs/, results/ and models/ import them
+from here, never the connection.
 
 The connection attaches the link after each ``welcome`` and detaches it when the
 session ends. Senders never block on a dead link: :meth:`Uplink.send` returns False
 when there is no session (the caller keeps what it needs, e.g. in the job store, and
-sends again after the next ``welcome``). :meth:`wait_connected` lets a fetch wait for a
-session instead of polling.
+sends again after the next ``welcome``). :meth:`Uplink.wait_connected` lets a fetch or
+an upload wait for a session instead of polling.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
-from agent.connection import Link
+from agent.protocol import messages as m
+from agent.protocol.session import PeerError
 
 log = structlog.get_logger(__name__)
+
+
+class Link(Protocol):
+    """What a handler may do with the established session."""
+
+    async def send(self, message: dict[str, Any]) -> None: ...
+
+    async def send_binary(self, header: dict[str, Any], payload: bytes | memoryview) -> None: ...
+
+
+class SessionHandler(Protocol):
+    """The application side (jobs, results, artifacts) of a session.
+
+    Callbacks run on the receive path: they must return quickly and leave long work to
+    tasks of their own, or the session stops reading (and keepalive pongs are delayed).
+    An exception from a callback ends the session (logged, close 1011, reconnect).
+    """
+
+    def hello_jobs(self) -> list[dict[str, str]]: ...
+
+    async def on_established(self, link: Link) -> None: ...
+
+    async def on_message(self, link: Link, message: m.Incoming) -> None: ...
+
+    async def on_invalid_assignment(self, link: Link, job_id: str, detail: str) -> None: ...
+
+    async def on_peer_error(self, link: Link, error: PeerError) -> None: ...
+
+    def on_closed(self) -> None: ...
 
 
 class Uplink:
