@@ -38,7 +38,7 @@ from websockets.exceptions import (
     InvalidStatus,
     InvalidURI,
 )
-from websockets.protocol import State
+from websockets.protocol import State as WebSocketState
 from websockets.typing import Subprotocol
 
 from agent import logs
@@ -119,10 +119,6 @@ class Connection:
         self._welcomed_at: float | None = None
         self._heartbeat_failure: Exception | None = None
 
-    @property
-    def facts(self) -> ControlPlaneFacts:
-        return self._report.facts
-
     # -- the dial loop ------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -176,7 +172,7 @@ class Connection:
             await _close(ws, 1011, "agent error", CLOSE_TIMEOUT_S)
             raise Ended(Cause.LOCAL, detail=f"{type(exc).__name__} in the session") from exc
         finally:
-            if ws.state is not State.CLOSED:
+            if ws.state is not WebSocketState.CLOSED:
                 ws.transport.abort()
 
     # -- one session ----------------------------------------------------------------------
@@ -212,7 +208,7 @@ class Connection:
         deadline = asyncio.timeout(WELCOME_TIMEOUT_S)
         try:
             async with deadline:
-                while session.state is not s.State.ESTABLISHED:
+                while session.state is not s.SessionState.ESTABLISHED:
                     await self._receive_one(ws, session)
         except TimeoutError as exc:
             if not deadline.expired():

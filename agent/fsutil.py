@@ -25,6 +25,7 @@ import contextlib
 import errno
 import os
 import stat
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,3 +170,41 @@ def _unlink(parent: int, name: str) -> None:
 def _rmdir(parent: int, name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.rmdir(name, dir_fd=parent)
+
+
+def fsync_dir(directory: Path | str) -> None:
+    """Make the entries of ``directory`` (a file created, renamed or removed in it)
+    survive a crash. Raises ``OSError``."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` whole or not at all, mode 0600.
+
+    A temporary file with a fresh name (``mkstemp``: ``O_EXCL``, 0600; a name derived from
+    ``path`` could exceed 255 bytes) is written, then renamed over ``path``. ``durable``:
+    the file is fsynced before the rename and the directory after it, so that after a
+    crash ``path`` holds the old or the new bytes, never none or a part. Raises
+    ``OSError`` (the temporary file is removed).
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        fsync_dir(path.parent)

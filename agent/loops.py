@@ -22,6 +22,7 @@ import asyncio
 import errno
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import structlog
 
@@ -29,6 +30,7 @@ from agent import logs
 from agent.errors import AgentError
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 # A failure that repeats every 10 s (the sampler) would otherwise fill the journal.
 REPEAT_LOG_S = 600.0
@@ -133,3 +135,33 @@ async def until_done(write: Callable[[], object], event: str, **fields: object) 
             log.error(event, error=str(exc), retry_in_s=delay, **fields)
         await asyncio.sleep(delay)
         delay = min(delay * 2, RETRY_MAX_S)
+
+
+class Interrupted(Exception):
+    """:func:`unless_set`: the event was set before the awaitable finished."""
+
+
+async def unless_set(event: asyncio.Event, awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable`` unless ``event`` is set first: then cancel it and raise
+    :class:`Interrupted`, once it has ended. Cancelling the caller cancels both;
+    nothing is left running.
+
+    The one shape of "race the work against a stop signal" (a job's cancel, a session's
+    end, an operator's redial): an already-set event interrupts at once.
+    """
+    work = asyncio.ensure_future(awaitable)
+    stop = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not work.done():
+            work.cancel()
+            # Its clean-up (a session's close frame) ends before the caller goes on.
+            await asyncio.wait({work})
+    if work.done() and not work.cancelled():
+        return work.result()
+    # The work was cancelled: by us (the event won) or from outside.
+    if not event.is_set():
+        raise asyncio.CancelledError
+    raise Interrupted

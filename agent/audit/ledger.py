@@ -52,6 +52,7 @@ from agent.audit.chain import (
 )
 from agent.audit.egress import RESENT, SENT, SentIndex, check_range, check_result_path, check_sha256
 from agent.errors import AgentError
+from agent.fsutil import fsync_dir
 
 log = structlog.get_logger(__name__)
 
@@ -304,7 +305,7 @@ class AuditLedger:
                 raise AuditError(f"audit ledger {path} is held by another process") from exc
             os.fchmod(fd, 0o600)
             self._seq, self._prev, self._size = self._recover(fd)
-            _fsync_dir(path.parent)  # the file itself must survive a crash, not just its bytes
+            fsync_dir(path.parent)  # the file itself must survive a crash, not just its bytes
             self._check_anchor(fd)
         except OSError as exc:
             os.close(fd)
@@ -388,11 +389,3 @@ class AuditLedger:
                 "the file aside to start a new ledger"
             )
         return int(entry["seq"]), line_hash(line), size
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

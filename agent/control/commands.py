@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +25,7 @@ from agent.config.models import ControlConfig
 from agent.control.peer import Peer
 from agent.control.server import ControlServer, ControlSocketError, Reply, error_reply
 from agent.errors import AgentError
+from agent.fsutil import fsync_dir, write_atomic
 from agent.health.facts import NodeFacts
 from agent.jobs.manager import JobManager
 from agent.jobs.operator import CancelRefused, cancel_on_node
@@ -117,16 +117,12 @@ class Operator:
 
     def _write_flag(self) -> None:
         # Durable before the reply says "draining": a crash right after must not undo it.
-        fd = os.open(self._flag, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, b"drained by the operator (cloudbender-agent undrain to resume)\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(self._flag, b"drained by the operator (cloudbender-agent undrain to resume)\n")
 
     def _remove_flag(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._flag.unlink()
+            fsync_dir(self._flag.parent)  # nor may a crash undo an undrain
 
 
 RETRY_S = 30.0

@@ -10,10 +10,13 @@ what an operator who asks to redial means.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Protocol
 
 import structlog
+
+from agent.loops import Interrupted, unless_set
 
 log = structlog.get_logger(__name__)
 
@@ -37,16 +40,8 @@ class Redialer:
         """Never returns; raises what the connection raises (a bug: it retries itself)."""
         while True:
             self._requested.clear()
-            link = asyncio.create_task(self._make().run(), name="control-plane-link")
-            asked = asyncio.create_task(self._requested.wait(), name="redial-request")
-            try:
-                await asyncio.wait({link, asked}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                link.cancel()
-                asked.cancel()
-                # The connection closes its session (1001) before the next dial starts.
-                # asyncio.wait: their CancelledError is not ours, a cancel of ours is.
-                await asyncio.wait({link, asked})
-            if not link.cancelled() and (failure := link.exception()) is not None:
-                raise failure
+            # On a redial the connection is cancelled, which closes its session (1001),
+            # and has ended before the next dial starts.
+            with contextlib.suppress(Interrupted):
+                await unless_set(self._requested, self._make().run())
             log.info("control_plane_redial", why="operator asked (cloudbender-agent reconnect)")

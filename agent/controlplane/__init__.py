@@ -31,15 +31,15 @@ code, so that the two catch each other's mistakes.
 from agent.controlplane.auth import ANY_NODE
 from agent.controlplane.errors import (
     BadAssignment,
+    ConditionTimeout,
     ControlPlaneError,
     NodeNotConnected,
-    WaitTimeout,
 )
 from agent.controlplane.jobs import TERMINAL as TERMINAL_STATES
 from agent.controlplane.jobs import JobTrack
 from agent.controlplane.server import CLOSE_AUTH, CLOSE_REPLACED, ControlPlane
 from agent.controlplane.session import CLOSE_BAD_HELLO
-from agent.controlplane.state import Disconnect, Heartbeat, NodeState, Received
+from agent.controlplane.state import Disconnect, Heartbeat, NodeState, RecordedFrame
 from agent.controlplane.threaded import ThreadedControlPlane
 from agent.controlplane.upload import ResultsState
 
@@ -50,6 +50,7 @@ __all__ = [
     "CLOSE_REPLACED",
     "TERMINAL_STATES",
     "BadAssignment",
+    "ConditionTimeout",
     "ControlPlane",
     "ControlPlaneError",
     "Disconnect",
@@ -57,8 +58,7 @@ __all__ = [
     "JobTrack",
     "NodeNotConnected",
     "NodeState",
-    "Received",
+    "RecordedFrame",
     "ResultsState",
     "ThreadedControlPlane",
-    "WaitTimeout",
 ]

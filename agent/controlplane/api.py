@@ -43,7 +43,7 @@ class ControlPlaneAPI:
     async def wait_for_node(self, node_id: str, timeout: float = 10.0) -> NodeState:  # noqa: ASYNC109
         """Wait until ``node_id`` has a welcomed, live session; return a snapshot of it.
 
-        Raises :class:`~agent.controlplane.errors.WaitTimeout`.
+        Raises :class:`~agent.controlplane.errors.ConditionTimeout`.
         """
 
         def found() -> NodeState | None:
@@ -64,7 +64,7 @@ class ControlPlaneAPI:
 
         Only messages at position ``after_index`` or later in the node's log count:
         pass ``len(node.messages)`` from a snapshot to wait for a new one. Messages
-        that the CP answered with an error never match. Raises ``WaitTimeout``.
+        that the CP answered with an error never match. Raises ``ConditionTimeout``.
         """
 
         def found() -> dict[str, Any] | None:
@@ -187,7 +187,9 @@ class ControlPlaneAPI:
         job_id: str,
         timeout: float = 10.0,  # noqa: ASYNC109
     ) -> ResultsState:
-        """Wait until ``job_id``'s results from ``node_id`` are accepted. Raises ``WaitTimeout``."""
+        """Wait until ``job_id``'s results from ``node_id`` are accepted.
+
+        Raises ``ConditionTimeout``."""
 
         def found() -> ResultsState | None:
             accepted = self.results.accepted(node_id, job_id)

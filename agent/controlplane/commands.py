@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.controlplane.errors import ControlPlaneError, NodeNotConnected, WaitTimeout
+from agent.controlplane.errors import ConditionTimeout, ControlPlaneError, NodeNotConnected
 from agent.controlplane.jobfile import JobFile
 from agent.controlplane.jobs import TERMINAL, JobTrack
 from agent.controlplane.manifest import fs_name
@@ -166,7 +166,7 @@ class Commands:
 
         try:
             answer = await self.cp.registry.wait_until(found, ANSWER_WAIT_S, lambda: "no answer")
-        except WaitTimeout:
+        except ConditionTimeout:
             return {"answer": None}
         if answer["type"] == "job.accepted":
             return {"answer": "accepted"}
@@ -216,7 +216,7 @@ class Commands:
 
             try:
                 await self.cp.registry.wait_until(changed, wait, lambda: "")
-            except WaitTimeout:
+            except ConditionTimeout:
                 continue
 
     async def cancel(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@
     └── ControlPlaneError
         ├── NodeNotConnected   send/close to a node with no live session
         ├── BadAssignment      assign() of a job that breaks protocol 1.1 §4 (also a ValueError)
-        └── WaitTimeout        a wait_for_* ran out of time (also a TimeoutError)
+        └── ConditionTimeout   a wait_for_* ran out of time (also a TimeoutError)
 """
 
 from __future__ import annotations
@@ -33,5 +33,5 @@ class BadAssignment(ControlPlaneError, ValueError):
         self.problems = problems
 
 
-class WaitTimeout(ControlPlaneError, TimeoutError):
+class ConditionTimeout(ControlPlaneError, TimeoutError):
     """What was waited for did not happen in time; the message says what was seen."""

@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from agent.controlplane import jobs
-from agent.controlplane.errors import WaitTimeout
+from agent.controlplane.errors import ConditionTimeout
 from agent.controlplane.jobs import JobTrack
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class Received:
+class RecordedFrame:
     """One frame from the agent that named a type, in arrival order.
 
     ``data`` is the text message, or the header of a binary frame (then ``payload``
@@ -81,7 +81,7 @@ class NodeState:
     connected_at: float | None = None
     last_seen: float | None = None
     sessions: list[str] = field(default_factory=list)
-    messages: list[Received] = field(default_factory=list)
+    messages: list[RecordedFrame] = field(default_factory=list)
     heartbeats: list[Heartbeat] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
     sent: list[dict[str, Any]] = field(default_factory=list)
@@ -150,11 +150,11 @@ class Registry:
         *,
         payload: bytes | None = None,
         problem: str | None = None,
-    ) -> Received:
+    ) -> RecordedFrame:
         node = self._nodes[node_id]
         now = time.time()
         node.last_seen = now
-        entry = Received(len(node.messages), type_, data, now, session, payload, problem)
+        entry = RecordedFrame(len(node.messages), type_, data, now, session, payload, problem)
         node.messages.append(entry)
         if type_ == "error" and problem is None:
             node.errors.append(data)
@@ -202,7 +202,7 @@ class Registry:
     ) -> T:
         """Return ``found()`` as soon as it is not ``None``, re-checking after each change.
 
-        Raises :class:`WaitTimeout` with ``describe()`` when ``within_s`` seconds pass.
+        Raises :class:`ConditionTimeout` with ``describe()`` when ``within_s`` seconds pass.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within_s
@@ -212,7 +212,7 @@ class Registry:
                 return result
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise WaitTimeout(f"{describe()} within {within_s:g}s")
+                raise ConditionTimeout(f"{describe()} within {within_s:g}s")
             # The event belongs to one loop; a restarted threaded CP runs a new one.
             if self._changed is None or self._changed_loop is not loop:
                 self._changed, self._changed_loop = asyncio.Event(), loop

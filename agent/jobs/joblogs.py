@@ -14,7 +14,6 @@ The bytes are the job's and hostile: whoever prints them escapes them
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import structlog
 
 from agent.errors import AgentError
 from agent.escaping import escape
+from agent.fsutil import write_atomic
 from agent.paths import child
 from agent.runtime.base import Runtime
 
@@ -63,21 +63,10 @@ class JobLogs:
 
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` whole or not at all, mode 0600, its directory 0700.
-    Raises ``OSError``."""
+    Raises ``OSError``. Not fsynced: a log tail lost in a crash costs nothing."""
     path.parent.mkdir(mode=0o700, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    # mkstemp: a fresh name (a job id may already fill a name's 255 bytes), O_EXCL, 0600.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, data, durable=False)
 
 
 def remove_logs(directory: Path, job_ids: Iterable[str]) -> None:

@@ -38,6 +38,7 @@ from agent.jobs.gpus import GpuLeases
 from agent.jobs.joblogs import JobLogs
 from agent.jobs.model import FAILURE_REASONS, State
 from agent.jobs.outputfs import OutputVolumes
+from agent.loops import Interrupted, unless_set
 from agent.models.cache import ModelCache
 from agent.results.delivery import ResultDelivery
 from agent.runtime.base import ContainerSpec, ContainerState, Runtime
@@ -47,12 +48,14 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 WAIT_SLICE_S = 1.0
+STOP_SETTLE_S = 30.0  # after a stop, how long the engine may take to report the end
 
 Transition = Callable[[State, str | None, int | None], Awaitable[None]]
 
 
 class JobEnded(Exception):
-    """Raised inside the runner to end the job in a terminal state."""
+    """Raised inside the runner to end the job early, in a failed or cancelled state.
+    (A job that succeeds is not an exception: :meth:`JobRunner._run` returns.)"""
 
     def __init__(self, state: State, reason: str, exit_code: int | None = None) -> None:
         super().__init__(f"{state.value}/{reason}")
@@ -103,7 +106,6 @@ class RunnerContext:
     results: ResultDelivery
     models: ModelCache | None = None
     audit: AuditLedger | None = None
-    on_container: Callable[[str, str, tuple[str, ...]], None] | None = None
     job_logs: JobLogs | None = None  # the tail of each job's output, kept before removal
     pull_timeout_s: float = 1800.0
     engine: EngineWatch | None = None  # agent.jobs.engine: outages end jobs container_lost
@@ -137,6 +139,7 @@ class JobRunner:
         """
         try:
             await self._run(resume)
+            await self._end(State.SUCCEEDED, "completed", self.exit_code)
         except JobEnded as end:
             exit_code = end.exit_code if end.exit_code is not None else self.exit_code
             await self._end(end.state, end.reason, exit_code)
@@ -163,11 +166,13 @@ class JobRunner:
         await self._cleanup()
 
     async def _run(self, resume: Resume | None) -> None:
+        """Returns when the results were accepted; raises :class:`JobEnded` otherwise."""
         if resume is not None:
             self.container_id = resume.container_id
         if resume is not None and resume.uploading:
             self.exit_code = 0  # only a container that exited 0 gets to uploading
             await self._upload()
+            return
         if resume is not None and resume.container_id is not None:
             # Re-adopted after an agent restart: the container is the engine's, still
             # running or already exited; carry on from waiting for its end.
@@ -206,8 +211,6 @@ class JobRunner:
         except ContainerCreateError as exc:
             log.error("container_create_failed", job_id=self.job_id, error=str(exc))
             raise JobEnded(State.FAILED, "container_error") from exc
-        if self._ctx.on_container is not None:
-            self._ctx.on_container(self.job_id, self.container_id, self.gpus)
         if self.cancel_requested.is_set():
             raise JobEnded(State.CANCELLED, self.cancel_reason)
         try:
@@ -234,7 +237,6 @@ class JobRunner:
         await self._remove_output()
         crash_point("spool.output_removed")
         await self._until_cancelled(results.deliver(manifest))
-        raise JobEnded(State.SUCCEEDED, "completed", self.exit_code)
 
     # -- steps ----------------------------------------------------------------------------
 
@@ -321,33 +323,36 @@ class JobRunner:
         deadline = loop.time() + self._job.timeout_s
         while True:
             waiting = loop.run_in_executor(self._ctx.wait_pool, self._wait_briefly, cid)
-            cancel = asyncio.ensure_future(self.cancel_requested.wait())
-            racers: set[asyncio.Future[Any]] = {waiting, cancel}
             try:
-                done, _ = await asyncio.wait(
-                    racers,
-                    timeout=max(deadline - loop.time(), 0.0),
-                    return_when="FIRST_COMPLETED",
-                )
-            finally:
-                cancel.cancel()
-            if waiting in done and (exited := waiting.result()) is not None:
-                return exited
-            if cancel in done:
+                async with asyncio.timeout_at(deadline):
+                    exited = await unless_set(self.cancel_requested, waiting)
+            except Interrupted:
                 state, reason = State.CANCELLED, self.cancel_reason
                 break
-            if loop.time() >= deadline:
+            except TimeoutError:
                 state, reason = State.TIMED_OUT, "timeout"
                 break
+            if exited is not None:
+                return exited
             if await self._output_full():
                 # Its writes fail already (ENOSPC); stop it rather than let it spin.
                 state, reason = State.FAILED, "result_too_large"
                 break
         log.info("job_stopping", job_id=self.job_id, why=reason)
-        await asyncio.to_thread(self._ctx.runtime.stop, cid, self._ctx.stop_grace_s())
-        while (exited := await loop.run_in_executor(None, self._wait_briefly, cid)) is None:
-            pass
-        raise JobEnded(state, reason, exited.exit_code)
+        grace = self._ctx.stop_grace_s()
+        await asyncio.to_thread(self._ctx.runtime.stop, cid, grace)
+        # The engine said it stopped it; its end is a wait slice or two away. Bounded: an
+        # engine that never reports the end must not hold the job (the container is
+        # removed by force in the clean-up).
+        settle = loop.time() + grace + STOP_SETTLE_S
+        exited = None
+        while exited is None and loop.time() < settle:
+            # The default pool: this job's thread in the wait pool may still be busy
+            # with the slice the stop interrupted.
+            exited = await loop.run_in_executor(None, self._wait_briefly, cid)
+        if exited is None:
+            log.warning("job_stop_unconfirmed", job_id=self.job_id, container=cid[:12])
+        raise JobEnded(state, reason, exited.exit_code if exited is not None else None)
 
     def _wait_briefly(self, cid: str) -> ContainerState | None:
         # Waits are short and repeated rather than one long blocking call: a thread
@@ -356,17 +361,10 @@ class JobRunner:
 
     async def _until_cancelled(self, awaitable: Awaitable[T]) -> T:
         """Await ``awaitable`` unless the job is cancelled first (then end it cancelled)."""
-        work = asyncio.ensure_future(awaitable)
-        cancel = asyncio.ensure_future(self.cancel_requested.wait())
         try:
-            await asyncio.wait({work, cancel}, return_when="FIRST_COMPLETED")
-        finally:
-            cancel.cancel()
-            if not work.done():
-                work.cancel()
-        if work.done() and not work.cancelled():
-            return work.result()
-        raise JobEnded(State.CANCELLED, self.cancel_reason)
+            return await unless_set(self.cancel_requested, awaitable)
+        except Interrupted:
+            raise JobEnded(State.CANCELLED, self.cancel_reason) from None
 
     def _release(self) -> None:
         """Give back what only this process holds (GPUs, the model): safe before the

@@ -60,15 +60,6 @@ class JobRecord:
     ended_at: float | None = None
     acked_at: float | None = None
 
-    def state_message_fields(self) -> dict[str, Any]:
-        """``state``/``reason``/``exit_code`` as a ``job.state`` carries them."""
-        out: dict[str, Any] = {"state": self.state.value}
-        if self.reason is not None:
-            out["reason"] = self.reason
-        if self.exit_code is not None:
-            out["exit_code"] = self.exit_code
-        return out
-
 
 def _connect(path: Path, schema: str, *, check_same_thread: bool = True) -> sqlite3.Connection:
     """The store's database in WAL mode with ``synchronous=FULL``, ``schema`` applied,

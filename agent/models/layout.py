@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import ModelStorageError
-from agent.fsutil import discard_tree
+from agent.fsutil import discard_tree, fsync_dir
 from agent.models.unpack import unpack
 
 ENTRY_FILE = "entry.json"
@@ -62,7 +62,7 @@ def build(root: Path, archive: Path, sha: str, *, max_bytes: int, max_members: i
                 raise
             return read(final, sha)
         staging = None
-        _fsync_dir(root)
+        fsync_dir(root)
         return Entry(sha, size, time.time())
     except OSError as exc:
         raise ModelStorageError(f"model cache: {exc.strerror}", exc.errno) from exc
@@ -104,11 +104,3 @@ def _write_private(path: Path, data: bytes) -> None:
         out.write(data)
         out.flush()
         os.fsync(out.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -40,7 +40,7 @@ MIN_HEARTBEAT_S = 1.0
 MAX_HEARTBEAT_S = 3600.0
 
 
-class State(Enum):
+class SessionState(Enum):
     IDLE = "idle"
     AWAITING_WELCOME = "awaiting_welcome"
     ESTABLISHED = "established"
@@ -123,7 +123,7 @@ class SessionError(RuntimeError):
 class Session:
     def __init__(self, hello: dict[str, Any], stats: Stats | None = None) -> None:
         self._hello = hello
-        self.state = State.IDLE
+        self.state = SessionState.IDLE
         self.session_id: str | None = None
         self.heartbeat_s: float | None = None
         self.stats = stats or Stats()
@@ -134,9 +134,9 @@ class Session:
 
     def initiate(self) -> None:
         """Queue ``hello``. Call exactly once, first."""
-        if self.state is not State.IDLE:
+        if self.state is not SessionState.IDLE:
             raise SessionError("initiate() called twice")
-        self.state = State.AWAITING_WELCOME
+        self.state = SessionState.AWAITING_WELCOME
         self._queue(self._hello)
 
     def send(self, message: dict[str, Any]) -> None:
@@ -145,13 +145,13 @@ class Session:
         Raises :class:`SessionError` before ``welcome`` or after close: the caller must
         hold messages until the session is established.
         """
-        if self.state is not State.ESTABLISHED:
+        if self.state is not SessionState.ESTABLISHED:
             raise SessionError(f"cannot send {message.get('type')} while {self.state.value}")
         self._queue(message)
 
     def send_binary(self, header: dict[str, Any], payload: bytes | memoryview) -> None:
         """Queue a binary frame (``result.chunk``). Same rules as :meth:`send`."""
-        if self.state is not State.ESTABLISHED:
+        if self.state is not SessionState.ESTABLISHED:
             raise SessionError(f"cannot send {header.get('type')} while {self.state.value}")
         self.stats.sent[str(header["type"])] += 1
         self._out.append(encode_binary(header, payload))
@@ -161,7 +161,7 @@ class Session:
 
         Returns False, queueing nothing, when the session is not established.
         """
-        if self.state is not State.ESTABLISHED:
+        if self.state is not SessionState.ESTABLISHED:
             return False
         self._queue(m.heartbeat(self._seq + 1, now, telemetry))
         self._seq += 1  # only once queued: a heartbeat that cannot be encoded takes no seq
@@ -173,7 +173,7 @@ class Session:
         return out
 
     def close(self) -> None:
-        self.state = State.CLOSED
+        self.state = SessionState.CLOSED
 
     def _queue(self, message: dict[str, Any]) -> None:
         frame = m.encode_text(message)  # raises (NaN, a non-JSON value) before counting
@@ -191,7 +191,7 @@ class Session:
         return self._handle(m.parse_binary(data))
 
     def _handle(self, parsed: m.Incoming | m.Invalid) -> list[Event]:
-        if self.state in (State.IDLE, State.CLOSED):
+        if self.state in (SessionState.IDLE, SessionState.CLOSED):
             return [Ignored(f"frame received while {self.state.value}")]
         if isinstance(parsed, m.Invalid):
             return [self._invalid(parsed)]
@@ -200,29 +200,29 @@ class Session:
         if isinstance(parsed, m.ErrorMessage):
             detail = None if parsed.detail is None else m.clip(parsed.detail)
             if parsed.code == "unsupported_protocol":
-                self.state = State.CLOSED
+                self.state = SessionState.CLOSED
                 return [Fatal(parsed.code, detail)]
             ref = None if parsed.ref is None else m.clip(parsed.ref)
             return [PeerError(m.clip(parsed.code), detail, ref)]
         if isinstance(parsed, m.Welcome):
-            if self.state is State.ESTABLISHED:
+            if self.state is SessionState.ESTABLISHED:
                 return [Ignored("second welcome in one session")]
-            self.state = State.ESTABLISHED
+            self.state = SessionState.ESTABLISHED
             self.session_id = parsed.session
             self.heartbeat_s = min(max(float(parsed.heartbeat_s), MIN_HEARTBEAT_S), MAX_HEARTBEAT_S)
             return [Welcomed(parsed.session, self.heartbeat_s)]
-        if self.state is not State.ESTABLISHED:
+        if self.state is not SessionState.ESTABLISHED:
             return [Ignored(f"{kind} before welcome")]
         return [Received(parsed)]
 
     def _invalid(self, invalid: m.Invalid) -> Event:
         self.stats.received["(invalid)"] += 1
-        if invalid.ref == "welcome" and self.state is State.AWAITING_WELCOME:
-            self.state = State.CLOSED
+        if invalid.ref == "welcome" and self.state is SessionState.AWAITING_WELCOME:
+            self.state = SessionState.CLOSED
             return Fatal("invalid_welcome", invalid.field or invalid.detail)
         if invalid.ref == "error":
             return Ignored(f"invalid error message: {invalid.detail}")
-        if self.state is not State.ESTABLISHED:
+        if self.state is not SessionState.ESTABLISHED:
             return Ignored(f"invalid frame before welcome: {invalid.detail}")
         if invalid.job_id is not None:
             return InvalidAssignment(invalid.job_id, invalid.detail)

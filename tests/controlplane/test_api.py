@@ -8,7 +8,7 @@ import socket
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from agent.controlplane import CLOSE_AUTH, NodeNotConnected, WaitTimeout
+from agent.controlplane import CLOSE_AUTH, ConditionTimeout, NodeNotConnected
 from agent.protocol.frames import decode_binary, encode_binary
 from tests.controlplane.wire import (
     NODE,
@@ -51,7 +51,7 @@ def test_wait_for_message_predicate_after_index_and_timeout() -> None:
             first = await cp.wait_for_message(NODE, "heartbeat")
             assert first["seq"] == 1
             mark = len(cp.nodes()[NODE].messages)
-            with pytest.raises(WaitTimeout, match="no heartbeat") as info:
+            with pytest.raises(ConditionTimeout, match="no heartbeat") as info:
                 await cp.wait_for_message(NODE, "heartbeat", timeout=seconds(0.2), after_index=mark)
             assert isinstance(info.value, TimeoutError)
             # A waiter already sleeping wakes when the message arrives.
@@ -74,7 +74,7 @@ def test_wait_for_node_waits_for_a_later_connection() -> None:
             async with session(cp) as (_, welcome):
                 node = await waiter
                 assert node.session == welcome["session"]
-            with pytest.raises(WaitTimeout):
+            with pytest.raises(ConditionTimeout):
                 await cp.wait_for_node("nobody", seconds(0.1))
 
     run(main())

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agent.controlplane import TERMINAL_STATES, ThreadedControlPlane, WaitTimeout
+from agent.controlplane import TERMINAL_STATES, ConditionTimeout, ThreadedControlPlane
 from tests.controlplane.rawagent import RawAgent, job_state, raw_agent
 from tests.controlplane.wire import NODE, TOKEN, cp_with, run
 from tests.helpers.env import seconds
@@ -70,7 +70,7 @@ def test_a_job_run_in_order_has_no_violations_and_can_be_waited_for() -> None:
             await send_states(agent, "j-1", "accepted", "waiting", "preparing", "running")
             running = await cp.wait_for_job(NODE, "j-1", {"running"}, seconds(5))
             assert running["state"] == "running"
-            with pytest.raises(WaitTimeout):
+            with pytest.raises(ConditionTimeout):
                 await cp.wait_for_job(NODE, "j-1", timeout=seconds(0.1))
             await send_states(agent, "j-1", "uploading")
             assert (await agent.upload("j-1", [("a", b"1")]))["type"] == "result.accepted"

@@ -12,7 +12,12 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from agent.controlplane import CLOSE_REPLACED, NodeNotConnected, ThreadedControlPlane, WaitTimeout
+from agent.controlplane import (
+    CLOSE_REPLACED,
+    ConditionTimeout,
+    NodeNotConnected,
+    ThreadedControlPlane,
+)
 from agent.protocol import SUBPROTOCOL
 from tests.controlplane.wire import CLIENT_LOGGER, NODE, TOKEN, heartbeat, hello
 from tests.helpers.env import seconds
@@ -51,7 +56,7 @@ def test_blocking_api_from_sync_code() -> None:
             assert _recv(ws) == {"type": "job.cancel", "job_id": "j-1"}
             cp.send_raw(NODE, b"\x00\x00\x00\x02{}")
             assert ws.recv(seconds(5)) == b"\x00\x00\x00\x02{}"
-            with pytest.raises(WaitTimeout):
+            with pytest.raises(ConditionTimeout):
                 cp.wait_for_message(NODE, "job.accepted", timeout=seconds(0.1))
             cp.close_node(NODE, 4000, "test")
             with pytest.raises(ConnectionClosed):
@@ -96,7 +101,7 @@ def test_stop_and_restart_on_the_same_port() -> None:
         with _connect(cp):
             assert len(cp.wait_for_node(NODE, seconds(5)).sessions) == 2
             # A waiter on the new loop works after the restart.
-            with pytest.raises(WaitTimeout):
+            with pytest.raises(ConditionTimeout):
                 cp.wait_for_message(NODE, "job.state", timeout=seconds(0.1))
     finally:
         cp.stop()

@@ -20,7 +20,7 @@ from agent.protocol.session import (
     Received,
     Session,
     SessionError,
-    State,
+    SessionState,
     Welcomed,
 )
 from tests.helpers.strategies import frames as any_frames
@@ -94,7 +94,7 @@ def test_robustness_rules_answer_error_and_continue(frame: str, code: str) -> No
     if code == "unknown_type":
         assert reply["detail"] == "job.explode"
     # The session goes on.
-    assert session.state is State.ESTABLISHED
+    assert session.state is SessionState.ESTABLISHED
     assert session.heartbeat(1.0, {})
     assert sent(session)[0]["type"] == "heartbeat"
 
@@ -200,7 +200,7 @@ def test_unsupported_protocol_is_fatal_even_before_welcome() -> None:
     session.data_to_send()
     events = session.receive_text('{"type": "error", "code": "unsupported_protocol"}')
     assert events == [Fatal("unsupported_protocol", None)]
-    assert session.state is State.CLOSED
+    assert session.state is SessionState.CLOSED
 
 
 def test_other_peer_errors_are_reported_not_answered() -> None:
@@ -253,10 +253,10 @@ def test_arbitrary_frames_never_raise_and_the_session_goes_on(frames: list[str |
             reply = json.loads(out)
             assert reply["type"] == "error"
             assert reply["code"] in ("bad_message", "unknown_type")
-    if session.state is State.ESTABLISHED:
+    if session.state is SessionState.ESTABLISHED:
         assert session.heartbeat(1.0, {})
     else:  # only an unsupported_protocol error ends it
-        assert session.state is State.CLOSED
+        assert session.state is SessionState.CLOSED
 
 
 def awaiting_welcome() -> Session:
@@ -286,7 +286,7 @@ def test_an_invalid_welcome_is_fatal_at_once_naming_the_field(
     session = awaiting_welcome()
     events = session.receive_text(json.dumps({"type": "welcome", **welcome}))
     assert events == [Fatal("invalid_welcome", field)]
-    assert session.state is State.CLOSED
+    assert session.state is SessionState.CLOSED
     assert session.data_to_send() == []  # nothing but hello before welcome
 
 
@@ -301,7 +301,7 @@ def test_an_invalid_welcome_after_the_first_is_answered_not_fatal() -> None:
     session = established()
     (event,) = session.receive_text('{"type": "welcome", "session": 1, "heartbeat_s": 15}')
     assert isinstance(event, Answered)
-    assert session.state is State.ESTABLISHED
+    assert session.state is SessionState.ESTABLISHED
 
 
 @pytest.mark.parametrize(
