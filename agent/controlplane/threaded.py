@@ -9,17 +9,14 @@ every blocking call has a bound: ``timeout`` plus ``call_timeout_s`` at most.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import threading
-from collections.abc import Callable, Collection, Coroutine
-from pathlib import Path
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
-from agent.controlplane.jobs import TERMINAL
 from agent.controlplane.server import ControlPlane
-from agent.controlplane.state import Disconnect, NodeState
-from agent.controlplane.upload import ResultsState
-from agent.protocol import MAX_CHUNK_PAYLOAD
 
 T = TypeVar("T")
 
@@ -39,14 +36,6 @@ class ThreadedControlPlane:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return self.cp.url
-
-    @property
-    def port(self) -> int:
-        return self.cp.port
 
     @property
     def running(self) -> bool:
@@ -117,121 +106,31 @@ class ThreadedControlPlane:
 
         return self._call(call())
 
-    # -- the blocking API --------------------------------------------------------------
+    # -- the blocking API: every public method of ControlPlane --------------------------
 
-    def nodes(self) -> dict[str, NodeState]:
-        return self._on_loop(self.cp.nodes)
+    def __getattr__(self, name: str) -> Any:
+        """``cp.<method>`` of :class:`ControlPlane`, blocking: a coroutine method runs on
+        the loop and is awaited here for at most its ``timeout`` argument plus
+        ``call_timeout_s``; a plain method runs on the loop too (the node table is only
+        touched there); a property is read as it is. Derived, not mirrored by hand, so
+        the facade cannot drift from the server's API."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        attr = getattr(self.cp, name)
+        if inspect.iscoroutinefunction(attr):
+            return functools.partial(self._blocking, attr)
+        if inspect.ismethod(attr):
+            return functools.partial(self._read, attr)
+        return attr
 
-    def node(self, node_id: str) -> NodeState | None:
-        return self._on_loop(lambda: self.cp.node(node_id))
+    def _blocking(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kw: Any) -> T:
+        bound = inspect.signature(fn).bind(*args, **kw)
+        bound.apply_defaults()
+        timeout = bound.arguments.get("timeout", 0.0)
+        return self._call(fn(*args, **kw), float(timeout or 0.0))
 
-    def wait_for_node(self, node_id: str, timeout: float = 10.0) -> NodeState:
-        return self._call(self.cp.wait_for_node(node_id, timeout), timeout)
-
-    def wait_for_message(
-        self,
-        node_id: str,
-        type_: str,
-        predicate: Callable[[dict[str, Any]], bool] | None = None,
-        timeout: float = 10.0,
-        after_index: int = 0,
-    ) -> dict[str, Any]:
-        """As :meth:`ControlPlane.wait_for_message`; ``predicate`` runs on the CP's thread."""
-        waiting = self.cp.wait_for_message(node_id, type_, predicate, timeout, after_index)
-        return self._call(waiting, timeout)
-
-    def wait_for_disconnect(self, node_id: str, timeout: float = 10.0) -> Disconnect:
-        return self._call(self.cp.wait_for_disconnect(node_id, timeout), timeout)
-
-    def send(self, node_id: str, message: dict[str, Any]) -> None:
-        self._call(self.cp.send(node_id, message))
-
-    def send_raw(self, node_id: str, data: str | bytes) -> None:
-        self._call(self.cp.send_raw(node_id, data))
-
-    def add_artifact(
-        self, artifact_id: str, data: bytes, *, chunk_bytes: int = MAX_CHUNK_PAYLOAD
-    ) -> str:
-        return self._call(self.cp.add_artifact(artifact_id, data, chunk_bytes=chunk_bytes))
-
-    def artifact_fault(
-        self,
-        artifact_id: str,
-        *,
-        drop_after_bytes: int | None = None,
-        end_sha256: str | None = None,
-        end_size: int | None = None,
-    ) -> None:
-        fault = self.cp.artifact_fault(
-            artifact_id, drop_after_bytes=drop_after_bytes, end_sha256=end_sha256, end_size=end_size
-        )
-        self._call(fault)
-
-    # -- jobs (§4) ----------------------------------------------------------------------
-
-    def assign(
-        self, node_id: str, job_id: str, image_ref: str, datastore: str, **fields: Any
-    ) -> None:
-        self._call(self.cp.assign(node_id, job_id, image_ref, datastore, **fields))
-
-    def cancel(self, node_id: str, job_id: str) -> None:
-        self._call(self.cp.cancel(node_id, job_id))
-
-    def ack(self, node_id: str, job_id: str) -> None:
-        self._call(self.cp.ack(node_id, job_id))
-
-    def job_states(self, node_id: str, job_id: str) -> list[dict[str, Any]]:
-        return self._on_loop(lambda: self.cp.job_states(node_id, job_id))
-
-    def wait_for_job(
-        self,
-        node_id: str,
-        job_id: str,
-        states: Collection[str] = TERMINAL,
-        timeout: float = 10.0,
-    ) -> dict[str, Any]:
-        return self._call(self.cp.wait_for_job(node_id, job_id, states, timeout), timeout)
-
-    # -- results (§5) -------------------------------------------------------------------
-
-    @property
-    def results_dir(self) -> Path:
-        return self.cp.results_dir
-
-    def results_fault(
-        self,
-        job_id: str | None = None,
-        *,
-        stop_acking: bool = False,
-        drop_after_bytes: int | None = None,
-        reject_file_once: int | None = None,
-        reject_always: int | None = None,
-    ) -> None:
-        fault = self.cp.results_fault(
-            job_id,
-            stop_acking=stop_acking,
-            drop_after_bytes=drop_after_bytes,
-            reject_file_once=reject_file_once,
-            reject_always=reject_always,
-        )
-        self._call(fault)
-
-    def results_state(self, node_id: str, job_id: str) -> ResultsState:
-        return self._on_loop(lambda: self.cp.results_state(node_id, job_id))
-
-    def result_files(self, node_id: str, job_id: str) -> dict[str, Path]:
-        return self._on_loop(lambda: self.cp.result_files(node_id, job_id))
-
-    def wait_for_results(self, node_id: str, job_id: str, timeout: float = 10.0) -> ResultsState:
-        return self._call(self.cp.wait_for_results(node_id, job_id, timeout), timeout)
-
-    # -- connections --------------------------------------------------------------------
-
-    def close_node(self, node_id: str, code: int = 1000, reason: str = "") -> None:
-        self._call(self.cp.close_node(node_id, code, reason))
-
-    def disconnect_all(self, code: int = 1001, reason: str = "disconnect") -> None:
-        self._call(self.cp.disconnect_all(code, reason))
+    def _read(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        return self._on_loop(lambda: fn(*args, **kw))
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
