@@ -32,7 +32,10 @@ class Link(Protocol):
 
     async def send(self, message: dict[str, Any]) -> None: ...
 
-    async def send_binary(self, header: dict[str, Any], payload: bytes | memoryview) -> None: ...
+    async def send_frame(self, type_: str, frame: bytes | memoryview) -> None:
+        """Send a binary frame built by :class:`~agent.protocol.frames.FrameBuffer`
+        (header type ``type_``). Returns once ``frame`` is no longer needed."""
+        ...
 
 
 class SessionHandler(Protocol):
@@ -93,23 +96,26 @@ class Uplink:
 
     async def send(self, message: dict[str, Any]) -> bool:
         """Send on the current session. False (nothing sent) when there is none or it dies."""
-        return await self._attempt(message, None)
-
-    async def send_binary(self, header: dict[str, Any], payload: bytes | memoryview) -> bool:
-        """Like :meth:`send`, for a binary frame."""
-        return await self._attempt(header, payload)
-
-    async def _attempt(self, message: dict[str, Any], payload: bytes | memoryview | None) -> bool:
         link = self._link
         if link is None:
             return False
         try:
-            if payload is None:
-                await link.send(message)
-            else:
-                await link.send_binary(message, payload)
-                self.payload_bytes_sent += len(payload)
+            await link.send(message)
         except Exception as exc:  # the session ended under us; the caller resends later
             log.info("uplink_send_failed", type=message.get("type"), error=type(exc).__name__)
             return False
+        return True
+
+    async def send_frame(self, type_: str, frame: bytes | memoryview, payload_bytes: int) -> bool:
+        """Like :meth:`send`, for a built binary frame that carries ``payload_bytes``;
+        once it returns, ``frame``'s buffer may be reused."""
+        link = self._link
+        if link is None:
+            return False
+        try:
+            await link.send_frame(type_, frame)
+        except Exception as exc:  # the session ended under us; the caller resends later
+            log.info("uplink_send_failed", type=type_, error=type(exc).__name__)
+            return False
+        self.payload_bytes_sent += payload_bytes
         return True

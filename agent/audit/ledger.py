@@ -152,15 +152,18 @@ class AuditLedger:
             for entry in entries:
                 self._sent.note(entry)
             # Logged under the lock so that the log's order is the ledger's: the last
-            # audit_entry shipped off-box is the head to check the file against.
-            for entry, digest in zip(entries, hashes, strict=True):
-                log.info(
-                    "audit_entry",
-                    seq=entry["seq"],
-                    kind=entry["kind"],
-                    job_id=entry["job_id"],
-                    hash=digest,
-                )
+            # audit_entry shipped off-box is the head to check the file against. One
+            # line per append (its last entry; `entries`: how many it wrote), not per
+            # entry: 10,000 result files cost 11 µs a line.
+            last = entries[-1]
+            log.info(
+                "audit_entry",
+                seq=last["seq"],
+                kind=last["kind"],
+                job_id=last["job_id"],
+                hash=hashes[-1],
+                entries=len(entries),
+            )
         return entries
 
     def job_assigned(

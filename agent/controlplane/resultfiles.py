@@ -27,6 +27,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,8 @@ _READ = 1024 * 1024
 # Files kept open between durable points; past it, the completed ones are made durable
 # early (harmless: durability may come sooner than the ack that reports it).
 MAX_OPEN = 256
+# Files written in chunks this large have their pages dropped at each durable point.
+DROP_MIN = 64 * 1024
 
 
 class JobFiles:
@@ -59,8 +63,12 @@ class JobFiles:
         self._paths: list[str] = []
         self._open: dict[int, int] = {}  # index -> fd, written since the last durable point
         self._complete: set[int] = set()  # of _open: closed at the next durable point
-        self._new_entries: set[Path] = set()  # directories to fsync at the next durable point
-        self._dirs: set[Path] = set()  # directories of the tree known to exist
+        # Directories of the tree as relative strings ("": the tree itself), not Paths:
+        # building and hashing a Path per file cost more than writing a small file.
+        self._new_entries: set[str] = set()  # directories to fsync at the next durable point
+        self._dirs: set[str] = set()  # directories of the tree known to exist
+        self._made: set[int] = set()  # files created since begin(): no stat to find them
+        self._drop: set[int] = set()  # of _open: bulk files whose pages are dropped when durable
 
     def _partial(self, index: int) -> Path:
         # manifest.parse() allowed only relative paths without "." or ".." parts.
@@ -75,6 +83,7 @@ class JobFiles:
         self.close()
         shutil.rmtree(self.partial_dir, ignore_errors=True)
         self._dirs.clear()
+        self._made.clear()
         self.tree.mkdir(mode=0o700, parents=True)
         _write_json(self.partial_dir / "manifest.json", manifest.entries())
         _sync_dir(self.partial_dir.parent)
@@ -84,7 +93,9 @@ class JobFiles:
         """Write ``data`` at ``offset`` of file ``index`` (durable at :meth:`durable`)."""
         fd = self._open.get(index)
         if fd is None:
-            fd = self._open[index] = self._create(self._partial(index), os.O_RDWR)
+            fd = self._open[index] = self._create(index, os.O_RDWR)
+        if len(data) >= DROP_MIN:
+            self._drop.add(index)
         view = memoryview(data)
         while view:
             done = os.pwrite(fd, view, offset)
@@ -101,20 +112,42 @@ class JobFiles:
         """Make every byte written so far durable, and the directory entries made for it."""
         for index, fd in list(self._open.items()):
             os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if index in self._drop:  # a small file's page or two: not worth the call
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             if index in self._complete:
                 os.close(self._open.pop(index))
         self._complete.clear()
-        for directory in sorted(self._new_entries, key=lambda p: len(p.parts), reverse=True):
-            _sync_dir(directory)
+        self._drop.intersection_update(self._open)
+        deepest_first = sorted(self._new_entries, key=_depth, reverse=True)
+        for directory in deepest_first:
+            _sync_dir(self.tree / directory if directory else self.tree)
         self._new_entries.clear()
+
+    def start_durable(self) -> Callable[[], None]:
+        """What :meth:`durable` would do, split: this takes the files and directories to
+        sync (descriptors of completed files handed over, duplicates of the others) and
+        returns the syncing, for another thread, so that writing goes on meanwhile.
+        ``fdatasync`` covers every write made before it starts, so the returned call
+        makes durable everything written before this one."""
+        handed: list[tuple[int, bool]] = []
+        for index, fd in list(self._open.items()):
+            owned = self._open.pop(index) if index in self._complete else os.dup(fd)
+            handed.append((owned, index in self._drop))
+        self._complete.clear()
+        self._drop.intersection_update(self._open)
+        deepest_first = sorted(self._new_entries, key=_depth, reverse=True)
+        directories = [self.tree / d if d else self.tree for d in deepest_first]
+        self._new_entries.clear()
+        return partial(_sync_all, handed, directories)
 
     def discard(self, index: int) -> None:
         """Forget every byte of file ``index`` (it will be sent again from 0)."""
         fd = self._open.pop(index, None)
         self._complete.discard(index)
+        self._drop.discard(index)
         if fd is not None:
             os.close(fd)
+        self._made.discard(index)
         self._partial(index).unlink(missing_ok=True)
 
     def finish(self, manifest: Manifest) -> dict[str, Path]:
@@ -122,8 +155,10 @@ class JobFiles:
         older results."""
         self.use(manifest)
         for entry in manifest.files:
+            if entry.index in self._made:
+                continue
             if not self._partial(entry.index).exists():  # an empty file: no chunk made it
-                os.close(self._create(self._partial(entry.index), os.O_WRONLY))
+                os.close(self._create(entry.index, os.O_WRONLY))
         self.durable()
         self.close()
         self.tree.mkdir(mode=0o700, parents=True, exist_ok=True)  # an empty result
@@ -131,6 +166,7 @@ class JobFiles:
         self.final_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.rename(self.tree, self.final_dir)
         self._dirs.clear()
+        self._made.clear()
         _sync_dir(self.final_dir.parent)
         self.marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _write_json(self.marker, manifest.entries())
@@ -144,18 +180,22 @@ class JobFiles:
             os.close(fd)
         self._open.clear()
 
-    def _create(self, path: Path, mode: int) -> int:
+    def _create(self, index: int, mode: int) -> int:
         # Per file, no stat: directories seen are remembered, and the file's directory is
         # fsynced at the next durable point whether or not the file was new (harmless).
-        if path.parent not in self._dirs:
-            relative = path.parent.relative_to(self.tree)
-            for directory in (*reversed(relative.parents), relative):
-                if not (self.tree / directory).is_dir():
-                    (self.tree / directory).mkdir(mode=0o700)
-                    self._new_entries.add((self.tree / directory).parent)
-            self._dirs.add(path.parent)
-        self._new_entries.add(path.parent)
-        return os.open(path, mode | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        rel = self._paths[index]
+        parent = rel.rpartition("/")[0]
+        if parent not in self._dirs:
+            parts = parent.split("/") if parent else []
+            for depth in range(1, len(parts) + 1):
+                directory = self.tree.joinpath(*parts[:depth])
+                if not directory.is_dir():
+                    directory.mkdir(mode=0o700)
+                    self._new_entries.add("/".join(parts[: depth - 1]))
+            self._dirs.add(parent)
+        self._new_entries.add(parent)
+        self._made.add(index)
+        return os.open(f"{self.tree}/{rel}", mode | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     # -- after a restart of the control plane ------------------------------------------
 
@@ -206,6 +246,23 @@ def _write_json(path: Path, value: Any) -> None:
         os.fsync(out.fileno())
     os.replace(temporary, path)
     _sync_dir(path.parent)
+
+
+def _sync_all(handed: list[tuple[int, bool]], directories: list[Path]) -> None:
+    try:
+        for fd, drop in handed:
+            os.fdatasync(fd)
+            if drop:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        for directory in directories:
+            _sync_dir(directory)
+    finally:
+        for fd, _ in handed:
+            os.close(fd)
+
+
+def _depth(relative: str) -> int:
+    return relative.count("/") + 1 if relative else 0
 
 
 def _read_json(path: Path) -> Any:

@@ -33,17 +33,58 @@ class BinaryFrame:
         return str(self.header["type"])
 
 
-def encode_binary(header: dict[str, Any], payload: bytes | memoryview = b"") -> bytes:
-    """Build one binary frame. ``header`` must hold a string ``type``.
-
-    Raises :class:`FrameError` when the header is over the 4 KiB the protocol allows.
-    """
+def _encode_header(header: dict[str, Any]) -> bytes:
     if not isinstance(header.get("type"), str):
         raise FrameError("header needs a string field 'type'")
     raw = json.dumps(header, separators=(",", ":")).encode()
     if len(raw) > MAX_HEADER:
         raise FrameError(f"header is {len(raw)} bytes, more than {MAX_HEADER}")
+    return raw
+
+
+def encode_binary(header: dict[str, Any], payload: bytes | memoryview = b"") -> bytes:
+    """Build one binary frame. ``header`` must hold a string ``type``.
+
+    Raises :class:`FrameError` when the header is over the 4 KiB the protocol allows.
+    """
+    raw = _encode_header(header)
     return b"".join((_LENGTH.pack(len(raw)), raw, payload))
+
+
+# Room before the payload for the longest length prefix and header §2 allows.
+HEADROOM = _LENGTH.size + MAX_HEADER
+
+
+class FrameBuffer:
+    """One reusable buffer that a binary frame is built in, payload first, without a copy.
+
+    Read up to ``max_payload`` bytes into :meth:`payload`, then :meth:`frame` writes the
+    length prefix and header right before them and returns the whole frame as a view of
+    the buffer. Reusing one buffer matters for bulk sends: a fresh 1 MiB object per
+    frame (the join of :func:`encode_binary`) costs page faults, since glibc hands large
+    freed blocks back to the kernel. The view is only valid until the buffer is used
+    again: whoever sends it must be done with it (websockets masks it into a copy of its
+    own as it sends) before the next :meth:`payload`.
+    """
+
+    def __init__(self, max_payload: int) -> None:
+        self._buffer = bytearray(HEADROOM + max_payload)
+        self._view = memoryview(self._buffer)
+
+    def payload(self, size: int) -> memoryview:
+        """Where the next frame's ``size`` payload bytes go."""
+        if not 0 <= size <= len(self._buffer) - HEADROOM:
+            raise FrameError(f"payload of {size} bytes does not fit the frame buffer")
+        return self._view[HEADROOM : HEADROOM + size]
+
+    def frame(self, header: dict[str, Any], size: int) -> memoryview:
+        """The frame: ``header`` (same rules as :func:`encode_binary`) and the ``size``
+        bytes last written to :meth:`payload`."""
+        raw = _encode_header(header)
+        start = HEADROOM - _LENGTH.size - len(raw)
+        _LENGTH.pack_into(self._buffer, start, len(raw))
+        self._view[start + _LENGTH.size : HEADROOM] = raw
+        return self._view[start : HEADROOM + size]
 
 
 def _refuse_constant(name: str) -> Any:

@@ -34,7 +34,6 @@ from enum import Enum
 from typing import Any
 
 from agent.protocol import messages as m
-from agent.protocol.frames import encode_binary
 
 MIN_HEARTBEAT_S = 1.0
 MAX_HEARTBEAT_S = 3600.0
@@ -128,7 +127,7 @@ class Session:
         self.heartbeat_s: float | None = None
         self.stats = stats or Stats()
         self._seq = 0
-        self._out: list[str | bytes] = []
+        self._out: list[str | bytes | memoryview] = []
 
     # -- outgoing ---------------------------------------------------------------------
 
@@ -149,12 +148,15 @@ class Session:
             raise SessionError(f"cannot send {message.get('type')} while {self.state.value}")
         self._queue(message)
 
-    def send_binary(self, header: dict[str, Any], payload: bytes | memoryview) -> None:
-        """Queue a binary frame (``result.chunk``). Same rules as :meth:`send`."""
+    def send_frame(self, type_: str, frame: bytes | memoryview) -> None:
+        """Queue a binary frame already built (:class:`~agent.protocol.frames.FrameBuffer`)
+        whose header's type is ``type_``; queued as it is, not copied, so it must not
+        change until :meth:`data_to_send` has handed it out and the caller sent it.
+        Same rules as :meth:`send`."""
         if self.state is not SessionState.ESTABLISHED:
-            raise SessionError(f"cannot send {header.get('type')} while {self.state.value}")
-        self.stats.sent[str(header["type"])] += 1
-        self._out.append(encode_binary(header, payload))
+            raise SessionError(f"cannot send {type_} while {self.state.value}")
+        self.stats.sent[type_] += 1
+        self._out.append(frame)
 
     def heartbeat(self, now: float, telemetry: dict[str, Any]) -> bool:
         """Queue the next ``heartbeat`` (seq 1, 2, … in this session), stamped ``now``.
@@ -167,7 +169,7 @@ class Session:
         self._seq += 1  # only once queued: a heartbeat that cannot be encoded takes no seq
         return True
 
-    def data_to_send(self) -> list[str | bytes]:
+    def data_to_send(self) -> list[str | bytes | memoryview]:
         """Frames to send, oldest first; the queue is emptied."""
         out, self._out = self._out, []
         return out

@@ -1,8 +1,11 @@
 """The result spool: verified copies of a job's result files, kept until delivered.
 
-Layout under ``<state_dir>/spool/<job_id>/``: ``files/<index>`` (the bytes that were
-hashed) and ``manifest.json`` (written last, atomically: a spool entry without it is
-an interrupted copy and is redone). Everything is root-only (0700 / 0600). Spooled
+Layout under ``<state_dir>/spool/<job_id>/``: ``data`` (the bytes that were hashed,
+every file packed in index order: file ``i`` starts at :attr:`Manifest.offsets` ``[i]``)
+and ``manifest.json`` (written last, atomically: a spool entry without it is an
+interrupted copy and is redone). An entry spooled by an earlier agent (0.1) keeps one
+file per result, ``files/<index>`` (:meth:`Spool.legacy_file_path`); it is read as
+it is. Everything is root-only (0700 / 0600). Spooled
 results survive agent restarts; delivered ones are deleted after
 ``results.retention_h``.
 """
@@ -32,6 +35,15 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
+    @property
+    def offsets(self) -> list[int]:
+        """Where each file starts in the spool's ``data`` file."""
+        starts, at = [], 0
+        for f in self.files:
+            starts.append(at)
+            at += f.size
+        return starts
+
     def to_message(self) -> dict[str, Any]:
         """The ``result.manifest`` message of §5."""
         return m.result_manifest(self.job_id, [f.to_dict() for f in self.files], self.total_bytes)
@@ -46,7 +58,12 @@ class Spool:
         # Raises UnsafeName for an id that is not one plain path component.
         return child(self.root, job_id)
 
-    def file_path(self, job_id: str, index: int) -> Path:
+    def data_path(self, job_id: str) -> Path:
+        """The file holding every spooled byte of the job (see the module doc)."""
+        return self._dir(job_id) / "data"
+
+    def legacy_file_path(self, job_id: str, index: int) -> Path:
+        """File ``index`` of an entry spooled one file per result (an older agent)."""
         return self._dir(job_id) / "files" / str(index)
 
     def store(self, job_id: str, output_dir: Path, max_bytes: int, max_files: int) -> Manifest:
@@ -58,7 +75,7 @@ class Spool:
         self.remove(job_id)
         try:
             checked = check_output(output_dir, max_bytes, max_files)
-            files = copy_into_spool(output_dir, checked, self._dir(job_id) / "files")
+            files = copy_into_spool(output_dir, checked, self.data_path(job_id))
             crash_point("spool.files_copied")
             manifest = Manifest(job_id, tuple(files))
             self._write_manifest(manifest)

@@ -31,6 +31,7 @@ from agent.faults import crash_point
 from agent.link import Uplink
 from agent.protocol import MAX_CHUNK_PAYLOAD
 from agent.protocol import messages as m
+from agent.protocol.frames import FrameBuffer
 from agent.protocol.results import (
     AwaitMessage,
     FileEntry,
@@ -41,6 +42,7 @@ from agent.protocol.results import (
     SendMessage,
     TooManyRejections,
 )
+from agent.results.heap import keep_freed_blocks
 from agent.results.spool import Manifest, Spool
 
 log = structlog.get_logger(__name__)
@@ -89,9 +91,11 @@ class Uploader:
         self._spool = spool
         self._ledger = ledger
         self._inboxes: dict[str, asyncio.Queue[ResultMessage]] = {}
-        # One payload buffer, reused for every chunk: a fresh 1 MiB object per chunk
-        # costs page faults (glibc returns large blocks to the kernel on free).
-        self._buffer = bytearray(MAX_CHUNK_PAYLOAD)
+        # One frame buffer, reused for every chunk: the payload is read into it behind
+        # room for the header, so a chunk is never joined or copied before websockets
+        # masks it (a fresh 1 MiB object per chunk costs page faults).
+        self._frames = FrameBuffer(MAX_CHUNK_PAYLOAD)
+        keep_freed_blocks()  # the mask's copy is still fresh per chunk: see heap.py
 
     def route(self, message: m.Incoming) -> bool:
         """Hand a ``result.*`` message to its job's upload. False: no upload wants it."""
@@ -151,7 +155,7 @@ class Uploader:
     ) -> None:
         """One session's try. Raises :class:`_SessionLost` or :class:`UploadFailed`."""
         job_id = manifest.job_id
-        files = _OpenFiles(self._spool, job_id)
+        files = _OpenFiles(self._spool, manifest)
         try:
             while True:
                 try:
@@ -163,9 +167,10 @@ class Uploader:
                         log.info(event, job_id=job_id, **fields)
                     sender.events.clear()
                 if isinstance(action, SendChunk):
-                    payload = files.read(action, self._buffer)
+                    files.read(action, self._frames.payload(action.size))
                     header = m.result_chunk_header(job_id, action.file, action.offset)
-                    if not await self._uplink.send_binary(header, payload):
+                    frame = self._frames.frame(header, action.size)
+                    if not await self._uplink.send_frame(header["type"], frame, action.size):
                         raise _SessionLost
                     crash_point("upload.chunk_sent")
                     sender.chunk_sent(action)
@@ -205,22 +210,34 @@ class Uploader:
 
 
 class _OpenFiles:
-    """The spooled files of one attempt, each opened once, read with ``preadv``."""
+    """The spooled bytes of one attempt, read with ``preadv``: the entry's one ``data``
+    file, opened once (or, for an entry an earlier agent spooled one file per result,
+    each file in turn)."""
 
-    def __init__(self, spool: Spool, job_id: str) -> None:
+    def __init__(self, spool: Spool, manifest: Manifest) -> None:
         self._spool = spool
-        self._job_id = job_id
-        self._fd: tuple[int, int] | None = None  # (file index, descriptor)
+        self._job_id = manifest.job_id
+        self._fd: tuple[int, int] | None = None  # (file index or -1 for data, descriptor)
+        self._starts: list[int] | None = None
+        try:
+            fd = os.open(spool.data_path(self._job_id), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # spooled by an earlier agent: one file per result
+        self._fd, self._starts = (-1, fd), manifest.offsets
 
-    def read(self, chunk: SendChunk, buffer: bytearray) -> memoryview:
-        if self._fd is None or self._fd[0] != chunk.file:
-            self.close()
-            path = self._spool.file_path(self._job_id, chunk.file)
-            self._fd = (chunk.file, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-        view = memoryview(buffer)[: chunk.size]
-        if os.preadv(self._fd[1], [view], chunk.offset) != chunk.size:
+    def read(self, chunk: SendChunk, view: memoryview) -> None:
+        """Fill ``view`` (``chunk.size`` bytes) with the chunk's bytes."""
+        if self._starts is not None:
+            at = self._starts[chunk.file] + chunk.offset
+        else:
+            at = chunk.offset
+            if self._fd is None or self._fd[0] != chunk.file:
+                self.close()
+                path = self._spool.legacy_file_path(self._job_id, chunk.file)
+                self._fd = (chunk.file, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        assert self._fd is not None
+        if chunk.size and os.preadv(self._fd[1], [view], at) != chunk.size:
             raise AgentError(f"spooled file {chunk.file} of {self._job_id} is short")
-        return view
 
     def close(self) -> None:
         if self._fd is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 
 import pytest
@@ -148,5 +149,36 @@ def test_a_wrong_file_is_rejected_forgotten_and_taken_again_from_zero() -> None:
             assert state.rejected == ((1, "checksum_mismatch"), (1, "size_mismatch"))
             assert (state.ends, state.accepted) == (3, 1)
             assert cp.nodes()[NODE].violations == []
+
+    run(main())
+
+
+def test_a_failed_sync_is_never_acked_by_a_later_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack (durability): the first durable point's ``fdatasync`` fails (EIO: the
+    pages it covered may be lost) and Linux reports that only once, so the next
+    ``fdatasync`` succeeds. Acking after it would tell the agent that lost bytes are
+    stored; the failure must stay with the upload and no ack may follow."""
+    data = os.urandom(8 * MIB)  # two durable points, at 4 and 8 MiB
+    real, calls = os.fdatasync, []
+
+    def failing_once(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "I/O error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", failing_once)
+
+    async def main() -> None:
+        async with cp_with() as cp, raw_agent(cp) as agent:
+            await agent.send(manifest("j-1", [("b", data)]))
+            await agent.expect("result.resume")
+            await agent.send_file("j-1", 0, data)
+            await agent.send({"type": "result.end", "job_id": "j-1"})
+            # result.end waits for every durable point before its answer (or fails).
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await agent.expect("result.accepted", "result.rejected", "error", timeout=10)
+            assert calls  # the failing sync ran
+            assert agent.of_type("result.ack") == []
 
     run(main())

@@ -26,6 +26,7 @@ from agent.jobs.model import TERMINAL
 from agent.jobs.outputfs import OutputVolumes
 from agent.jobs.setup import JobSystem, build_jobs
 from agent.protocol import messages as m
+from agent.protocol.frames import decode_binary
 from agent.runtime.fake import FakeEngine, FakeRuntime
 from tests.fakes.nvml import two_gpu_fake
 from tests.helpers.env import seconds, valid_config
@@ -46,8 +47,9 @@ class CapturingLink:
             self.sent.append(message)
             self._changed.notify_all()
 
-    async def send_binary(self, header: dict[str, Any], payload: bytes | memoryview) -> None:
-        await self.send({**header, "_payload_bytes": len(payload)})
+    async def send_frame(self, type_: str, frame: bytes | memoryview) -> None:
+        sent = decode_binary(bytes(frame))
+        await self.send({**sent.header, "_payload_bytes": len(sent.payload)})
 
     def of(self, type_: str, job_id: str | None = None) -> list[dict[str, Any]]:
         return [s for s in self.sent if s["type"] == type_ and job_id in (None, s.get("job_id"))]

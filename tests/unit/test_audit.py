@@ -21,6 +21,7 @@ from agent.audit import GENESIS, AuditError, AuditLedger, ledger_path, read, ver
 from agent.auditcmd import render_entry
 from agent.link import Uplink
 from agent.protocol import messages as m
+from agent.protocol.frames import decode_binary
 from agent.results.scan import ResultFile
 from agent.results.spool import Manifest, Spool
 from agent.results.uploader import Uploader
@@ -432,8 +433,10 @@ class _FakeSession:
             reply = m.ResultAccepted(type="result.accepted", job_id=job)
         asyncio.get_running_loop().call_soon(self.uploader.route, reply)
 
-    async def send_binary(self, header: dict[str, Any], payload: bytes | memoryview) -> None:
-        index, offset, n = header["file"], header["offset"], len(payload)
+    async def send_frame(self, type_: str, frame: bytes | memoryview) -> None:
+        sent = decode_binary(bytes(frame))
+        header = sent.header
+        index, offset, n = header["file"], header["offset"], len(sent.payload)
         self._check_recorded(header["job_id"], index, offset, offset + n)
         self.seen[index] = max(self.seen[index], offset + n)
         self.received += n
@@ -475,14 +478,14 @@ def _deliver(
     holding ``held``. ``restarted``: a second run of the agent (no new job_assigned; the
     control plane saw every byte before)."""
     spool = Spool(tmp_path / "spool")
-    files = []
+    target = spool.data_path("job-1")  # every file packed in order, as Spool.store does
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"".join(os.urandom(size) for size in sizes))
+    data, files, at = target.read_bytes(), [], 0
     for i, size in enumerate(sizes):
-        target = spool.file_path("job-1", i)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(os.urandom(size))
-        data = target.read_bytes()
-        files.append(ResultFile(i, f"f{i}", size, hashlib.sha256(data).hexdigest()))
+        files.append(ResultFile(i, f"f{i}", size, hashlib.sha256(data[at : at + size]).hexdigest()))
+        at += size
     path = ledger_path(tmp_path)
 
     async def main() -> _FakeSession:

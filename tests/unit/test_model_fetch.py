@@ -41,7 +41,7 @@ class RecordingLink:
         self.sent.append(message)
         self._changed.set()
 
-    async def send_binary(self, header: dict[str, Any], payload: bytes | memoryview) -> None:
+    async def send_frame(self, type_: str, frame: bytes | memoryview) -> None:
         raise AssertionError("the fetcher sends no binary frames")
 
     async def gets(self, count: int) -> list[dict[str, Any]]:

@@ -99,7 +99,8 @@ def test_spool_never_leaves_its_root(world: Path, name: str) -> None:
         lambda: spool.load(name),
         lambda: spool.mark_delivered(name),
         lambda: spool.remove(name),
-        lambda: spool.file_path(name, 0),
+        lambda: spool.data_path(name),
+        lambda: spool.legacy_file_path(name, 0),
     ):
         with pytest.raises(UnsafeName):
             call()
@@ -148,7 +149,7 @@ def test_artifact_names_never_become_paths(world: Path, name: str) -> None:
             async def send(self, message: dict[str, Any]) -> None:
                 sent.append(message)
 
-            async def send_binary(self, header: dict[str, Any], payload: Any) -> None:
+            async def send_frame(self, type_: str, frame: bytes | memoryview) -> None:
                 raise AssertionError("no binary frames")
 
         uplink = Uplink()

@@ -36,15 +36,16 @@ def test_nested_files_are_copied_into_the_spool_and_hashed(tmp_path: Path, out: 
     spool = Spool(tmp_path / "spool")
     manifest = spool.store("j-1", out, BIG, 100)
     assert [f.path for f in manifest.files] == ["b/c/deep.bin", "empty", "scores.csv"]
-    for f in manifest.files:
+    data = spool.data_path("j-1").read_bytes()
+    for f, start in zip(manifest.files, manifest.offsets, strict=True):
         original = originals[f.path]
-        spooled = spool.file_path("j-1", f.index).read_bytes()
+        spooled = data[start : start + f.size]
         assert spooled == original
         assert f.sha256 == hashlib.sha256(original).hexdigest()
         assert f.size == len(original)
-    assert manifest.total_bytes == 3_000_006
+    assert manifest.total_bytes == 3_000_006 == len(data)
     assert spool.load("j-1") == manifest
-    assert stat.S_IMODE(spool.file_path("j-1", 0).stat().st_mode) == 0o600
+    assert stat.S_IMODE(spool.data_path("j-1").stat().st_mode) == 0o600
     # Copied, never moved: the output stays whole until the caller removes it, once the
     # manifest is durable (a crash before then must lose nothing).
     assert {p: (out / p).read_bytes() for p in originals} == originals
@@ -127,8 +128,8 @@ def test_a_file_swapped_for_a_link_after_the_check_is_refused(tmp_path: Path, ou
     (out / "a").unlink()
     (out / "a").symlink_to("/etc/passwd")
     with pytest.raises(ResultInvalid, match="cannot be opened as a regular file"):
-        copy_into_spool(out, checked, tmp_path / "spool-files")
-    assert not (tmp_path / "spool-files" / "0").exists()
+        copy_into_spool(out, checked, tmp_path / "spool" / "data")
+    assert not (tmp_path / "spool" / "data").exists()
 
 
 def test_deep_nesting_is_refused_not_a_crash(out: Path) -> None:
