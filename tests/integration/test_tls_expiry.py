@@ -1,0 +1,75 @@
+"""``check-config`` and ``doctor`` say when a ``control_plane`` certificate is about to
+expire (issue 15): a node must not go dark on the day its certificate lapses."""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import certifi
+
+from agent.tls_expiry import not_after
+from tests.helpers.certs import TestCA
+from tests.helpers.env import valid_config, write_config
+from tests.helpers.proc import agent_command
+
+
+def _stamp(at: datetime) -> str:
+    return at.strftime("%Y%m%d%H%M%SZ")
+
+
+def _config(tmp_path: Path, days_left: float) -> tuple[Path, Path]:
+    ca = TestCA(tmp_path / "ca")
+    now = datetime.now(UTC)
+    client = ca.issue(
+        "client", "node-a", start=_stamp(now - timedelta(days=1)),
+        end=_stamp(now + timedelta(days=days_left)),
+    )  # fmt: skip
+    raw = valid_config(tmp_path)
+    raw["control_plane"] |= {
+        "url": "wss://127.0.0.1:9/agent/v1",
+        "ca_file": str(ca.cert),
+        "client_cert": str(client.cert),
+        "client_key": str(client.key),
+    }
+    return write_config(tmp_path, raw), client.cert
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*agent_command(), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_check_config_warns_of_a_client_certificate_expiring_within_14_days(
+    tmp_path: Path,
+) -> None:
+    """A renewal forgotten: the config is valid today, the node is dark in 5 days."""
+    path, cert = _config(tmp_path, days_left=5)
+    done = _run("check-config", "--config", str(path))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout + done.stderr
+    assert f"control_plane.client_cert: a certificate in {cert} expires on" in out
+    assert "control_plane.ca_file" not in out  # the CA has 30 days left
+
+
+def test_check_config_is_quiet_for_a_certificate_with_a_month_left(tmp_path: Path) -> None:
+    path, _ = _config(tmp_path, days_left=30)
+    done = _run("check-config", "--config", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "expires on" not in done.stdout + done.stderr
+
+
+def test_doctor_shows_the_expiry_line(tmp_path: Path) -> None:
+    path, cert = _config(tmp_path, days_left=3)
+    done = _run("doctor", "--config", str(path))
+    assert f"⚠ control_plane.client_cert: a certificate in {cert} expires on" in done.stdout
+
+
+def test_not_after_reads_every_certificate_of_a_real_bundle() -> None:
+    """The DER walk against the CA bundle every install has: no certificate skipped."""
+    pem = Path(certifi.where()).read_bytes()
+    ends = not_after(pem)
+    assert len(ends) == pem.count(b"-----BEGIN CERTIFICATE-----")
+    assert all(end.year > 2000 for end in ends)
