@@ -22,6 +22,8 @@ from typing import Literal, Protocol, TypeAlias
 
 Health = Literal["ok", "degraded", "lost"]
 HEALTH_STATES: tuple[Health, ...] = ("ok", "degraded", "lost")
+# The agent holds NVML only during a sample (agent.gpu.nvml), so this works while it runs.
+RESET_HINT = "reset the GPU once its jobs have ended (nvidia-smi -r -i <index>)"
 
 # What ``gpus.allow`` holds once parsed (agent.config.GpusConfig.allow).
 Allow: TypeAlias = Literal["all"] | tuple[int | str, ...]
@@ -36,6 +38,12 @@ class GpuInfo:
     NVML would not give them; every other field is ``None`` when this GPU or driver
     does not support it or the GPU is lost. ``health_reasons`` is empty exactly when
     ``health`` is ``"ok"``.
+
+    A MIG instance is an entry of its own: ``uuid`` is its ``MIG-…`` UUID, ``index`` its
+    parent's NVML index, ``mig_index`` its slot on the parent, ``parent_uuid`` the
+    parent's UUID, and its health is the parent's (one chip). Its parent (``mig_mode``
+    true, ``mig_index`` ``None``) is never allocatable: CUDA cannot use a GPU in MIG
+    mode except through its instances.
     """
 
     index: int
@@ -54,6 +62,13 @@ class GpuInfo:
     health: Health
     health_reasons: tuple[str, ...]
     allocatable: bool = True
+    parent_uuid: str | None = None
+    mig_index: int | None = None
+
+    @property
+    def is_mig_parent(self) -> bool:
+        """A physical GPU in MIG mode: only its instances can be leased."""
+        return self.mig_mode is True and self.mig_index is None
 
     def to_dict(self) -> dict[str, object]:
         """Every field, JSON-ready (``health_reasons`` becomes a list)."""
@@ -74,6 +89,8 @@ class GpuInfo:
             "health": self.health,
             "health_reasons": list(self.health_reasons),
             "allocatable": self.allocatable,
+            "parent_uuid": self.parent_uuid,
+            "mig_index": self.mig_index,
         }
 
 
@@ -134,9 +151,9 @@ def judge_health(signals: HealthSignals) -> tuple[Health, tuple[str, ...]]:
             " since the driver was loaded"
         )
     if signals.retired_pages_pending:
-        reasons.append("a memory page is waiting to be retired: reset the GPU to retire it")
+        reasons.append(f"a memory page is waiting to be retired: {RESET_HINT} to retire it")
     if signals.row_remap_pending:
-        reasons.append("a memory row remapping is pending: reset the GPU to apply it")
+        reasons.append(f"a memory row remapping is pending: {RESET_HINT} to apply it")
     if signals.row_remap_failed:
         reasons.append("a memory row remapping failed: the GPU memory can no longer be repaired")
     if signals.inforom_corrupted:
@@ -167,7 +184,9 @@ def selects(entry: int | str, gpu: GpuInfo) -> bool:
 
     An int, or a string of digits (YAML ``"0"``), is an NVML index; any other string is
     a UUID (``GPU-…``, or ``MIG-…``), compared without regard to case because people
-    copy them from tools that print either.
+    copy them from tools that print either. An index or a ``GPU-…`` UUID names the
+    whole physical GPU, so it selects that GPU's MIG instances too; a ``MIG-…`` UUID
+    names one instance only.
     """
     if isinstance(entry, bool):  # bool is an int to Python, never an index to a person
         return False
@@ -176,7 +195,7 @@ def selects(entry: int | str, gpu: GpuInfo) -> bool:
     text = entry.strip()
     if text.isdigit():
         return int(text) == gpu.index
-    return gpu.uuid is not None and text.lower() == gpu.uuid.lower()
+    return any(u is not None and text.lower() == u.lower() for u in (gpu.uuid, gpu.parent_uuid))
 
 
 def mark_allocatable(inv: GpuInventory, allow: Allow) -> GpuInventory:
@@ -184,7 +203,8 @@ def mark_allocatable(inv: GpuInventory, allow: Allow) -> GpuInventory:
 
     A GPU is allocatable when the config offers it (``"all"``, or its index or UUID is
     listed) and its health is ``"ok"``: a degraded or lost GPU is never handed to a job,
-    whatever the config says. The verdict is recomputed from scratch, so applying a new
+    whatever the config says. A GPU in MIG mode is never allocatable itself (its
+    instances are). The verdict is recomputed from scratch, so applying a new
     ``allow`` after a config reload can re-admit a GPU an older one excluded. Pure and
     idempotent.
     """
@@ -192,6 +212,7 @@ def mark_allocatable(inv: GpuInventory, allow: Allow) -> GpuInventory:
         dataclasses.replace(
             gpu,
             allocatable=gpu.health == "ok"
+            and not gpu.is_mig_parent
             and (allow == "all" or any(selects(entry, gpu) for entry in allow)),
         )
         for gpu in inv.gpus

@@ -28,10 +28,10 @@ def inventory_json(inv: GpuInventory) -> str:
 def render_table(inv: GpuInventory) -> str:
     """A table to read at a glance, in the manner of ``nvidia-smi`` and ``gpustat``.
 
-    One row per GPU, then its UUID and PCI bus id (what ``gpus.allow`` and other tools
-    name it by) and, for an unhealthy GPU, each reason on its own line. A value NVML
-    could not give shows as ``—``. With no GPUs, a single line ``No GPUs: <why>``.
-    No trailing newline.
+    One row per GPU (a MIG instance as ``<parent index>:<slot>``, after its parent),
+    then its UUID and PCI bus id (what ``gpus.allow`` and other tools name it by) and,
+    for an unhealthy GPU, each reason on its own line. A value NVML could not give
+    shows as ``—``. With no GPUs, a single line ``No GPUs: <why>``. No trailing newline.
     """
     if not inv.gpus:
         return f"No GPUs: {_why_none(inv)}"
@@ -61,7 +61,7 @@ def _why_none(inv: GpuInventory) -> str:
 
 def _row(gpu: GpuInfo) -> tuple[str, ...]:
     return (
-        str(gpu.index),
+        str(gpu.index) if gpu.mig_index is None else f"{gpu.index}:{gpu.mig_index}",
         _or_dash(gpu.name),
         _memory(gpu.memory_used_mib, gpu.memory_total_mib),
         _or_dash(gpu.utilization_pct, "{}%"),
@@ -82,7 +82,9 @@ def _allocatable(gpu: GpuInfo) -> str:
     if gpu.allocatable:
         return "yes"
     # Say why, since the fix differs: the config (gpus.allow) or the hardware.
-    return "no (health)" if gpu.health != "ok" else "no (gpus.allow)"
+    if gpu.health != "ok":
+        return "no (health)"
+    return "no (MIG mode)" if gpu.is_mig_parent else "no (gpus.allow)"
 
 
 def _or_dash(value: object, fmt: str = "{}") -> str:

@@ -1,10 +1,12 @@
 """GPU leases: which job holds which GPUs. Pure state, no I/O, no asyncio.
 
 Jobs get whole GPUs, named by UUID (the runtime hands exactly those UUIDs to the
-container), all or nothing: a job asking for two GPUs when one is free gets none and
-waits. Only GPUs that :func:`agent.jobs.admission.leasable` accepts are ever leased:
-allocatable (offered by ``gpus.allow`` and healthy, so never a ``lost`` or ``degraded``
-GPU), of a type the job accepts, with a UUID. The choice is deterministic: the free
+container; a MIG instance is a GPU of its own here, by its ``MIG-…`` UUID, and its
+parent in MIG mode is never allocatable), all or nothing: a job asking for two GPUs
+when one is free gets none and waits. Only GPUs that
+:func:`agent.jobs.admission.leasable` accepts are ever leased: allocatable (offered
+by ``gpus.allow`` and healthy, so never a ``lost`` or ``degraded`` GPU), of a type
+the job accepts, with a UUID. The choice is deterministic: the free
 matching GPUs with the lowest NVML indexes.
 
 The inventory is passed in on every call rather than kept, because it changes (a GPU
@@ -107,5 +109,6 @@ class GpuLeases:
         leased = self._leased_uuids()
         return sorted(
             (g for g in inventory.gpus if leasable(g, None) and g.uuid not in leased),
-            key=lambda g: g.index,
+            # A MIG instance shares its parent's index; its slot orders it within.
+            key=lambda g: (g.index, -1 if g.mig_index is None else g.mig_index),
         )

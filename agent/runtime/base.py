@@ -35,6 +35,8 @@ class RuntimeInfo:
 
     ``reachable`` is ``False`` when the engine did not answer; ``error`` then says
     why in words, ``version`` is ``None`` and ``gpu_support`` is ``False``.
+    ``gpu_path`` is how jobs get GPUs (``legacy``, ``cdi``; ``None``: they cannot) and
+    ``gpu_why`` the reason in words (``agent.runtime.gpupath``); not part of ``hello``.
     """
 
     engine: str
@@ -42,6 +44,8 @@ class RuntimeInfo:
     gpu_support: bool
     reachable: bool
     error: str | None
+    gpu_path: str | None = None
+    gpu_why: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The ``inventory.runtime`` object of ``hello``: engine, version, gpu_support."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +48,8 @@ from agent.runtime.base import (
     Runtime,
     RuntimeInfo,
 )
+from agent.runtime.gpucheck import access_problems, container_access, driver_minors
+from agent.runtime.gpupath import GpuPath, probe_gpu_path
 from agent.runtime.images import parse_ref, pinned_digest, repo_digests, scrub
 from agent.runtime.pull import is_read_timeout, stream_pull
 from agent.runtime.spec import create_kwargs
@@ -55,7 +57,6 @@ from agent.runtime.verify import isolation_summary, verify_attrs
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_CDI_DIRS = (Path("/etc/cdi"), Path("/var/run/cdi"))
 _AUTH_KEYS = ("username", "password", "auth", "identitytoken", "registrytoken", "serveraddress")
 
 
@@ -63,31 +64,6 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, APIError) and exc.explanation:
         return str(exc.explanation)
     return str(exc) or type(exc).__name__
-
-
-def detect_gpu_support(
-    engine_info: Mapping[str, Any], cdi_dirs: Sequence[Path] | None = None
-) -> tuple[bool, str]:
-    """Whether the engine can give a container NVIDIA GPUs, and why (in words).
-
-    Yes when the engine has an ``nvidia`` runtime, or an NVIDIA CDI spec
-    (``nvidia*.yaml``/``.json``) exists in ``cdi_dirs`` (default: the engine's
-    ``CDISpecDirs``, else ``/etc/cdi`` and ``/var/run/cdi``).
-    """
-    if "nvidia" in (engine_info.get("Runtimes") or {}):
-        return True, "the engine has the nvidia runtime"
-    if cdi_dirs is None:
-        cdi_dirs = [Path(d) for d in engine_info.get("CDISpecDirs") or ()] or DEFAULT_CDI_DIRS
-    for directory in cdi_dirs:
-        try:
-            specs = sorted(directory.glob("nvidia*"))
-        except OSError:
-            continue
-        for spec in specs:
-            if spec.suffix in (".yaml", ".yml", ".json"):
-                return True, f"NVIDIA CDI spec {spec}"
-    dirs = ", ".join(str(d) for d in cdi_dirs)
-    return False, f"no nvidia runtime in the engine and no NVIDIA CDI spec in {dirs}"
 
 
 @contextmanager
@@ -111,19 +87,27 @@ class DockerRuntime:
     Construction never contacts the engine; the first call does, and a call made
     while the engine is down raises :class:`~agent.errors.RuntimeUnavailable`
     (``info`` reports it instead). ``timeout_s`` bounds each ordinary engine call.
-    ``cdi_dirs`` overrides where NVIDIA CDI specs are looked for (tests).
+    ``cdi_dirs`` overrides the engine's CDI spec dirs (tests); ``gpu_minors`` maps GPU
+    UUIDs to device minors for the check after start (default: the driver's, see
+    ``agent.runtime.gpucheck``).
     """
 
     def __init__(
-        self, docker_host: str, *, timeout_s: float = 60, cdi_dirs: Sequence[Path] | None = None
+        self,
+        docker_host: str,
+        *,
+        timeout_s: float = 60,
+        cdi_dirs: Sequence[Path] | None = None,
+        gpu_minors: Callable[[], Mapping[str, int]] = driver_minors,
     ) -> None:
         self._host = docker_host
         self._timeout = max(1, math.ceil(timeout_s))
         self._cdi_dirs = tuple(cdi_dirs) if cdi_dirs is not None else None
+        self._gpu_minors = gpu_minors
         self._lock = threading.Lock()
         self._docker: docker.DockerClient | None = None
         self._runtimes: frozenset[str] | None = None
-        self._gpu: bool | None = None
+        self._gpu: GpuPath | None = None
 
     def _client(self) -> docker.DockerClient:
         with self._lock:
@@ -142,15 +126,15 @@ class DockerRuntime:
         version = self._client().api.api_version
         return docker.APIClient(base_url=self._host, version=version, timeout=self._timeout)
 
-    def _engine_facts(self, refresh: bool = False) -> tuple[frozenset[str], bool]:
-        """The engine's runtimes and GPU support, asked once (again on ``refresh``)."""
+    def _engine_facts(self, refresh: bool = False) -> tuple[frozenset[str], GpuPath]:
+        """The engine's runtimes and GPU path, asked once (again on ``refresh``)."""
         if refresh or self._runtimes is None or self._gpu is None:
             with _engine("reading the engine's info"):
                 engine_info = self._client().info()
             runtimes = frozenset(engine_info.get("Runtimes") or ())
-            gpu, why = detect_gpu_support(engine_info, self._cdi_dirs)
+            gpu = probe_gpu_path(engine_info, cdi_dirs=self._cdi_dirs)
             if gpu != self._gpu:
-                log.info("runtime_gpu_support", gpu_support=gpu, why=why)
+                log.info("runtime_gpu_path", gpu_path=gpu.kind, why=gpu.why)
             self._runtimes, self._gpu = runtimes, gpu
         return self._runtimes, self._gpu
 
@@ -161,7 +145,7 @@ class DockerRuntime:
             _, gpu = self._engine_facts()
         except Exception as exc:  # the contract: never raises
             return RuntimeInfo("docker", None, False, False, self._unanswered(exc))
-        return RuntimeInfo("docker", version, gpu, True, None)
+        return RuntimeInfo("docker", version, gpu.usable, True, None, gpu.kind, gpu.why)
 
     def _unanswered(self, exc: BaseException) -> str:
         # What /healthz and the engine_down line say: the socket in words, not the HTTP
@@ -189,7 +173,6 @@ class DockerRuntime:
         return [str((e.get("Actor") or {}).get("Attributes", {}).get("signal", "?")) for e in found]
 
     def create(self, spec: ContainerSpec) -> str:
-        kwargs = create_kwargs(spec)
         runtimes, gpu = self._engine_facts()
         if spec.runtime not in runtimes:
             runtimes, gpu = self._engine_facts(refresh=True)
@@ -198,11 +181,12 @@ class DockerRuntime:
                     f"job {spec.job_id}: runtime {spec.runtime!r} is not configured in the "
                     f"Docker engine (it has {', '.join(sorted(runtimes))})"
                 )
-        if spec.gpu_uuids and not gpu:
+        if spec.gpu_uuids and gpu.kind is None:
             raise GpuUnsupported(
-                f"job {spec.job_id} needs GPUs but the engine has no NVIDIA support "
-                "(no nvidia runtime, no NVIDIA CDI spec): install the NVIDIA container toolkit"
+                f"job {spec.job_id} needs GPUs, but the engine {gpu.describe()} "
+                "(set up the NVIDIA container toolkit as docs/gpus.md says)"
             )
+        kwargs = create_kwargs(spec, gpu.kind or "legacy")
         what = f"creating the container of job {spec.job_id}"
         with _engine(what):
             try:
@@ -240,6 +224,44 @@ class DockerRuntime:
                 raise ContainerStartError(
                     f"starting container {container_id[:12]}: {_why(exc)}"
                 ) from exc
+        self._check_gpus(container_id)
+
+    def _check_gpus(self, container_id: str) -> None:
+        """Kill the container and raise :class:`~agent.errors.ContainerStartError` unless
+        it can open exactly its leased GPUs (``NVIDIA_VISIBLE_DEVICES``, which the
+        read-back checked against the lease), before a job can run on the CPU unnoticed."""
+        attrs = self._attrs(container_id)
+        env = dict(
+            e.split("=", 1) for e in (attrs.get("Config") or {}).get("Env") or [] if "=" in e
+        )
+        leased = [u for u in env.get("NVIDIA_VISIBLE_DEVICES", "").split(",") if u and u != "void"]
+        pid = int((attrs.get("State") or {}).get("Pid") or 0)
+        access = container_access(pid) if pid > 0 else None
+        if access is not None and not self._still_runs(container_id, pid):
+            # It ended while being read: what was read may be the root cgroup's list (its
+            # own is gone) or another process's that took the pid. It ran already.
+            access = None
+        if access is None:  # exited already, or cgroup v2 without access to its /dev
+            if leased:
+                log.warning("gpu_devices_unverified", container=container_id[:12], gpus=leased)
+            return
+        problems = access_problems(leased, self._gpu_minors(), access)
+        if not problems:
+            return
+        with _engine(f"killing container {container_id[:12]}"):
+            try:
+                self._client().api.kill(container_id)
+            except APIError as exc:
+                if exc.status_code != 409:  # 409: not running any more
+                    raise
+        raise ContainerStartError(
+            f"container {container_id[:12]} did not get exactly its leased GPUs: "
+            + "; ".join(problems)
+        )
+
+    def _still_runs(self, container_id: str, pid: int) -> bool:
+        state = self._attrs(container_id).get("State") or {}
+        return bool(state.get("Running")) and int(state.get("Pid") or 0) == pid
 
     def wait(self, container_id: str, timeout_s: float | None) -> ContainerState:
         api = self._own_api()

@@ -24,7 +24,7 @@ import hashlib
 import math
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agent.errors import InvalidContainerSpec
@@ -42,6 +42,7 @@ MIB = 1024 * 1024
 RESERVED_ENV = ("DATA_DIR", "OUTPUT_DIR", "JOB_ID", "MODEL_DIR")
 RESERVED_ENV_PREFIX = "NVIDIA_"
 NO_GPU = "void"
+CDI_KIND = "nvidia.com/gpu"
 
 NO_NEW_PRIVILEGES = "no-new-privileges:true"
 PROPAGATION = "rprivate"
@@ -200,8 +201,18 @@ def nano_cpus(spec: ContainerSpec) -> int:
     return round(spec.cpus * 1e9)
 
 
-def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
-    """Keyword arguments for ``DockerClient.containers.create``.
+def gpu_request(uuids: Sequence[str], gpu_path: str) -> dict[str, Any]:
+    """The one device request for the leased GPUs on ``gpu_path`` (``agent.runtime.gpupath``):
+    Docker's ``nvidia`` driver with the UUIDs (legacy hook), or its ``cdi`` driver with
+    the CDI names ``nvidia.com/gpu=<UUID>``."""
+    if gpu_path == "cdi":
+        return {"driver": "cdi", "device_ids": [f"{CDI_KIND}={u}" for u in uuids]}
+    return {"driver": "nvidia", "device_ids": list(uuids), "capabilities": [["gpu"]]}
+
+
+def create_kwargs(spec: ContainerSpec, gpu_path: str = "legacy") -> dict[str, Any]:
+    """Keyword arguments for ``DockerClient.containers.create``; leased GPUs are requested
+    the ``gpu_path`` way (``legacy`` or ``cdi``, see :func:`gpu_request`).
 
     Raises :class:`~agent.errors.InvalidContainerSpec` listing every problem of
     ``spec``. Never anything a pull could follow: the image is the local id.
@@ -252,7 +263,5 @@ def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         "healthcheck": {"test": ["NONE"]},
     }
     if spec.gpu_uuids:
-        kwargs["device_requests"] = [
-            {"driver": "nvidia", "device_ids": list(spec.gpu_uuids), "capabilities": [["gpu"]]}
-        ]
+        kwargs["device_requests"] = [gpu_request(spec.gpu_uuids, gpu_path)]
     return kwargs

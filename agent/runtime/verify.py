@@ -16,6 +16,7 @@ from typing import Any
 
 from agent.runtime.base import ContainerSpec
 from agent.runtime.spec import (
+    CDI_KIND,
     LOG_OPTS,
     LOG_TYPE,
     MIB,
@@ -245,16 +246,22 @@ def _gpus(spec: ContainerSpec, attrs: Attrs) -> list[str]:
     if len(requests) != 1:
         return [f"only the leased GPUs: {len(requests)} DeviceRequests, must be exactly 1"]
     req, p = requests[0], []
-    if req.get("Driver") != "nvidia":
-        p.append(f"only the leased GPUs: driver is {req.get('Driver')!r}, must be 'nvidia'")
-    if list(req.get("DeviceIDs") or []) != list(spec.gpu_uuids):
-        p.append(
-            f"only the leased GPUs: DeviceIDs {req.get('DeviceIDs')!r}, leased {spec.gpu_uuids}"
-        )
+    # Either path of agent.runtime.gpupath: the nvidia driver with the UUIDs (and the
+    # gpu capability), or the cdi driver with their CDI names (no capabilities).
+    driver = req.get("Driver")
+    caps: tuple[Any, ...]
+    if driver == "cdi":
+        want, caps = [f"{CDI_KIND}={u}" for u in spec.gpu_uuids], (None, [])
+    else:
+        want, caps = list(spec.gpu_uuids), ([["gpu"]],)
+        if driver != "nvidia":
+            p.append(f"only the leased GPUs: driver is {driver!r}, must be 'nvidia' or 'cdi'")
+    if list(req.get("DeviceIDs") or []) != want:
+        p.append(f"only the leased GPUs: DeviceIDs {req.get('DeviceIDs')!r}, leased {want}")
     if req.get("Count") not in (0, None):
         p.append(f"only the leased GPUs: Count is {req.get('Count')!r}, must be 0")
-    if req.get("Capabilities") != [["gpu"]]:
-        p.append(f"only the leased GPUs: Capabilities {req.get('Capabilities')!r}, not [['gpu']]")
+    if req.get("Capabilities") not in caps:
+        p.append(f"only the leased GPUs: Capabilities {req.get('Capabilities')!r}, not {caps[0]}")
     return p
 
 

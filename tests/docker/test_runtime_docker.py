@@ -284,7 +284,8 @@ def test_info_reports_the_engine(
 
 def test_gpu_support_is_detected_from_an_nvidia_cdi_spec(tmp_path: Path) -> None:
     host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    (tmp_path / "nvidia.yaml").write_text("cdiVersion: 0.5.0\nkind: nvidia.com/gpu\n")
+    spec = "cdiVersion: 0.5.0\nkind: nvidia.com/gpu\ndevices:\n- name: GPU-0a1b\n"
+    (tmp_path / "nvidia.yaml").write_text(spec)
     assert DockerRuntime(host, cdi_dirs=[tmp_path]).info().gpu_support is True
     (tmp_path / "empty").mkdir()
     assert DockerRuntime(host, cdi_dirs=[tmp_path / "empty"]).info().gpu_support is False

@@ -28,9 +28,9 @@ pytestmark = pytest.mark.docker
 SpecFactory = Callable[..., ContainerSpec]
 
 
-def _unchecked_kwargs(spec: ContainerSpec) -> dict[str, Any]:
+def _unchecked_kwargs(spec: ContainerSpec, gpu_path: str = "legacy") -> dict[str, Any]:
     """``create_kwargs`` without the spec check: the limits go to the engine as asked."""
-    kwargs = create_kwargs(replace(spec, cpus=1.0, memory_mib=64))
+    kwargs = create_kwargs(replace(spec, cpus=1.0, memory_mib=64), gpu_path)
     kwargs["nano_cpus"] = round(spec.cpus * 1e9)
     kwargs["mem_limit"] = kwargs["memswap_limit"] = spec.memory_mib * MIB
     return kwargs

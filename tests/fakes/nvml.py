@@ -23,6 +23,14 @@ It behaves like the library where the backend could notice the difference:
   ``str`` as in current ``nvidia-ml-py``, or as ``bytes`` with ``legacy_bytes=True`` as
   in old ones; ``nvmlPciInfo_t.busId`` is ``bytes`` either way, as in every version.
 
+MIG: ``FakeGpu(mig_enabled=True, mig_instances={0: FakeMig(...)})``; slots not in the
+dict answer ``NOT_FOUND``, as empty slots do. XID events: ``fake.xid(index, 79)`` posts
+one to every event set that registered that GPU; ``nvmlEventSetWait_v2`` blocks until
+one arrives or its timeout passes (then ``TIMEOUT``), as the real call does.
+``old_driver=True`` is a driver before 510: no ``nvmlDeviceGetMemoryInfo_v2`` and no
+``nvmlDeviceGetTemperatureV`` (``FUNCTION_NOT_FOUND``). Memory v1 counts the
+driver-reserved memory as used, v2 does not, as in NVML.
+
 Fields may be changed between snapshots (``fake.gpus[0].temperature_c = 80``) and GPUs
 added or removed (``fake.gpus.append(...)``). ``calls`` records every call by name;
 ``init_calls`` counts ``nvmlInit`` attempts.
@@ -30,6 +38,7 @@ added or removed (``fake.gpus.append(...)``). ``calls`` records every call by na
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -37,6 +46,8 @@ from typing import Any
 
 import pynvml
 from pynvml import NVMLError
+
+from tests.fakes.nvml_events import FakeEventSet, FakeHandle, FakeNvmlEvents
 
 MIB = 1024 * 1024
 
@@ -72,6 +83,17 @@ class _Injected:
 
 
 @dataclass
+class FakeMig:
+    """One MIG instance: ``name`` is NVML's, e.g. ``"NVIDIA H100 80GB HBM3 MIG 1g.10gb"``."""
+
+    uuid: str
+    name: str = "NVIDIA H100 80GB HBM3 MIG 1g.10gb"
+    memory_total_bytes: int = 9984 * MIB
+    memory_used_bytes: int = 0
+    memory_reserved_bytes: int = 13 * MIB
+
+
+@dataclass
 class FakeGpu:
     """One GPU's state. Defaults: an idle, healthy H100 80GB HBM3 (SXM)."""
 
@@ -79,7 +101,8 @@ class FakeGpu:
     name: str = "NVIDIA H100 80GB HBM3"
     pci_bus_id: str = "00000000:18:00.0"
     memory_total_bytes: int = 81559 * MIB
-    memory_used_bytes: int = 4 * MIB
+    memory_used_bytes: int = 4 * MIB  # by processes, without what the driver reserves
+    memory_reserved_bytes: int = 519 * MIB
     utilization_pct: int | None = 0
     temperature_c: int | None = 31
     power_mw: int | None = 71_000
@@ -92,6 +115,9 @@ class FakeGpu:
     rows_remapped_uncorrectable: int = 0
     mig_enabled: bool | None = False  # None: not MIG-capable
     inforom_valid: bool | None = True  # None: InfoROM check not supported
+    mig_instances: dict[int, FakeMig] = field(default_factory=dict)  # slot → instance
+    max_mig_devices: int = 7
+    events_supported: bool = True
     lost: bool = False
     _injected: _Injected = field(default_factory=_Injected, repr=False, compare=False)
 
@@ -122,21 +148,13 @@ class FakeGpu:
             self.row_remap_pending = False
 
 
-@dataclass(frozen=True)
-class FakeHandle:
-    """What ``nvmlDeviceGetHandleByIndex`` returns: an index in one init session."""
-
-    index: int
-    session: int
-
-
 def _supported(value: Any) -> Any:
     if value is None:
         raise NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
     return value
 
 
-class FakeNvml:
+class FakeNvml(FakeNvmlEvents):
     """Stand-in for the ``pynvml`` module; see the module docstring."""
 
     def __init__(
@@ -147,6 +165,7 @@ class FakeNvml:
         driver_version: str = "550.54.15",
         cuda_version: int = 12040,
         legacy_bytes: bool = False,
+        old_driver: bool = False,
     ) -> None:
         self.gpus: list[FakeGpu] = list(gpus)
         # True: nvmlInit raises LIBRARY_NOT_FOUND, as with no driver installed. Set it to
@@ -155,6 +174,9 @@ class FakeNvml:
         self.driver_version = driver_version
         self.cuda_version = cuda_version
         self.legacy_bytes = legacy_bytes
+        self.old_driver = old_driver
+        self.event_sets: list[FakeEventSet] = []
+        self._events_lock = threading.Lock()
         self.calls: list[str] = []
         self.init_calls = 0
         self._refcount = 0
@@ -214,19 +236,34 @@ class FakeNvml:
     # -- per device ----------------------------------------------------------------
 
     def nvmlDeviceGetUUID(self, handle: FakeHandle) -> str | bytes:
-        return self._string(self._gpu(handle, "nvmlDeviceGetUUID").uuid)
+        return self._string(self._device(handle, "nvmlDeviceGetUUID").uuid)
 
     def nvmlDeviceGetName(self, handle: FakeHandle) -> str | bytes:
-        return self._string(self._gpu(handle, "nvmlDeviceGetName").name)
+        return self._string(self._device(handle, "nvmlDeviceGetName").name)
 
     def nvmlDeviceGetPciInfo(self, handle: FakeHandle) -> SimpleNamespace:
         bus_id = self._gpu(handle, "nvmlDeviceGetPciInfo").pci_bus_id.encode()
         return SimpleNamespace(busId=bus_id, busIdLegacy=bus_id[4:])
 
-    def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle) -> SimpleNamespace:
-        gpu = self._gpu(handle, "nvmlDeviceGetMemoryInfo")
-        total, used = gpu.memory_total_bytes, gpu.memory_used_bytes
-        return SimpleNamespace(total=total, used=used, free=total - used)
+    def nvmlDeviceGetMemoryInfo(
+        self, handle: FakeHandle, version: int | None = None
+    ) -> SimpleNamespace:
+        # pynvml calls nvmlDeviceGetMemoryInfo_v2 for any truthy version.
+        name = "nvmlDeviceGetMemoryInfo_v2" if version else "nvmlDeviceGetMemoryInfo"
+        if version and self.old_driver:
+            self._system(name)
+            raise NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        dev = self._device(handle, "nvmlDeviceGetMemoryInfo", record=name)
+        total, used = dev.memory_total_bytes, dev.memory_used_bytes
+        reserved = dev.memory_reserved_bytes
+        free = total - used - reserved
+        if not version:  # v1: what the driver reserves counts as used
+            return SimpleNamespace(total=total, used=used + reserved, free=free)
+        if version != pynvml.nvmlMemory_v2:
+            raise NVMLError(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+        return SimpleNamespace(
+            version=version, total=total, reserved=reserved, free=free, used=used
+        )
 
     def nvmlDeviceGetUtilizationRates(self, handle: FakeHandle) -> SimpleNamespace:
         gpu = self._gpu(handle, "nvmlDeviceGetUtilizationRates")
@@ -236,6 +273,19 @@ class FakeNvml:
         gpu = self._gpu(handle, "nvmlDeviceGetTemperature")
         if sensor != pynvml.NVML_TEMPERATURE_GPU:
             raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return int(_supported(gpu.temperature_c))
+
+    def nvmlDeviceGetTemperatureV(
+        self, handle: FakeHandle, sensor: int, version: int = pynvml.nvmlTemperature_v1
+    ) -> int:
+        if self.old_driver:
+            self._system("nvmlDeviceGetTemperatureV")
+            raise NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        gpu = self._gpu(handle, "nvmlDeviceGetTemperatureV")
+        if sensor != pynvml.NVML_TEMPERATURE_GPU:
+            raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if version != pynvml.nvmlTemperature_v1:
+            raise NVMLError(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
         return int(_supported(gpu.temperature_c))
 
     def nvmlDeviceGetPowerUsage(self, handle: FakeHandle) -> int:
@@ -277,6 +327,21 @@ class FakeNvml:
         if not _supported(self._gpu(handle, "nvmlDeviceValidateInforom").inforom_valid):
             raise NVMLError(pynvml.NVML_ERROR_CORRUPTED_INFOROM)
 
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: FakeHandle) -> int:
+        gpu = self._gpu(handle, "nvmlDeviceGetMaxMigDeviceCount")
+        _supported(gpu.mig_enabled)
+        return gpu.max_mig_devices
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: FakeHandle, index: int) -> FakeHandle:
+        gpu = self._gpu(handle, "nvmlDeviceGetMigDeviceHandleByIndex")
+        if not _supported(gpu.mig_enabled):
+            raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if not 0 <= index < gpu.max_mig_devices:
+            raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if index not in gpu.mig_instances:
+            raise NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+        return FakeHandle(handle.index, handle.session, mig=index)
+
     # -- internals -----------------------------------------------------------------
 
     def _system(self, call: str) -> None:
@@ -286,11 +351,22 @@ class FakeNvml:
         self._injected.check(call)
 
     def _gpu(self, handle: FakeHandle, call: str) -> FakeGpu:
-        self._system(call)
+        gpu = self._device(handle, call)
+        if not isinstance(gpu, FakeGpu):  # a per-chip call on a MIG instance's handle
+            raise NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return gpu
+
+    def _device(self, handle: FakeHandle, call: str, record: str = "") -> FakeGpu | FakeMig:
+        self._system(record or call)
         stale = not isinstance(handle, FakeHandle) or handle.session != self._session
         if stale or not 0 <= handle.index < len(self.gpus):
             raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-        return self._live(self.gpus[handle.index], call)
+        gpu = self._live(self.gpus[handle.index], call)
+        if handle.mig is None:
+            return gpu
+        if not gpu.mig_enabled or handle.mig not in gpu.mig_instances:
+            raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)  # MIG layout changed since
+        return gpu.mig_instances[handle.mig]
 
     @staticmethod
     def _live(gpu: FakeGpu, call: str) -> FakeGpu:

@@ -14,6 +14,7 @@ from pynvml import (
     NVML_ERROR_NO_PERMISSION,
     NVML_ERROR_NOT_SUPPORTED,
     NVML_ERROR_RESET_REQUIRED,
+    NVML_ERROR_UNINITIALIZED,
     NVML_ERROR_UNKNOWN,
 )
 
@@ -86,7 +87,7 @@ def test_power_not_supported_then_gpu_lost_affects_only_that_gpu() -> None:
 
 def test_gpu_lost_in_the_middle_of_a_read_is_lost() -> None:
     fake = two_gpu_fake()
-    fake.gpus[0].fail("nvmlDeviceGetTemperature", NVML_ERROR_GPU_IS_LOST)
+    fake.gpus[0].fail("nvmlDeviceGetTemperatureV", NVML_ERROR_GPU_IS_LOST)
 
     gpu = NvmlBackend(fake).snapshot().gpus[0]
 
@@ -262,16 +263,20 @@ def test_count_failure_is_an_unavailable_inventory() -> None:
     assert len(backend.snapshot().gpus) == 2  # next poll reads again
 
 
-def test_close_shuts_nvml_down_once_and_a_later_snapshot_starts_it_again() -> None:
+def test_nvml_is_released_after_every_snapshot_so_a_gpu_reset_can_happen() -> None:
+    """Attack: the agent held NVML open for good, so `nvidia-smi -r` (which the agent's
+    own health message asks for) failed with "in use" while the agent ran."""
     fake = two_gpu_fake()
     backend = NvmlBackend(fake)
+
     backend.snapshot()
-
-    backend.close()
-    backend.close()
-
     assert not fake.initialised
-    assert fake.calls.count("nvmlShutdown") == 1
+    backend.snapshot()
+    assert not fake.initialised
+    backend.close()
+    backend.close()
+
+    assert fake.calls.count("nvmlInit") == fake.calls.count("nvmlShutdown") == 2
     assert [g.health for g in backend.snapshot().gpus] == ["ok", "ok"]
 
 
@@ -279,7 +284,8 @@ def test_nvml_shut_down_behind_the_backends_back_is_started_again() -> None:
     fake = two_gpu_fake()
     backend = NvmlBackend(fake)
     backend.snapshot()
-    fake.nvmlShutdown()  # some other user in the process did not balance its init
+    # Some other user in the process shut NVML down mid-read.
+    fake.fail("nvmlDeviceGetCount", NVML_ERROR_UNINITIALIZED, times=1)
 
     inv = backend.snapshot()
 

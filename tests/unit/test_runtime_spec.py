@@ -557,7 +557,7 @@ GPU_DEVIATIONS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "other driver",
         _set(
             "HostConfig.DeviceRequests",
-            [{"Driver": "cdi", "Count": 0, "DeviceIDs": [GPU_A], "Capabilities": [["gpu"]]}],
+            [{"Driver": "amd", "Count": 0, "DeviceIDs": [GPU_A], "Capabilities": [["gpu"]]}],
         ),
         "driver",
     ),
