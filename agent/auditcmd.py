@@ -98,7 +98,37 @@ def _other(e: Mapping[str, Any]) -> str:
     )
 
 
+def _held(e: Mapping[str, Any]) -> str:
+    # The airlock (docs/airlock.md): what waited for review, file by file.
+    found = e.get("files")
+    files: list[Any] = found if isinstance(found, list) else []
+    listed = ", ".join(
+        f"{f.get('path')} ({_size(f.get('size'))}, sha256 {_short(f.get('sha256'))})"
+        for f in files
+        if isinstance(f, dict)
+    )
+    return f"held for review: {len(files)} file(s), {_size(e.get('total_bytes'))}: {listed}"
+
+
+def _reviewer(e: Mapping[str, Any]) -> str:
+    who = e.get("reviewer")
+    who = f"uid {who} (pid {e.get('pid')})" if isinstance(who, int) else str(who)
+    text = e.get("text")
+    return who + (f": {text}" if text else "")
+
+
+def _released(e: Mapping[str, Any]) -> str:
+    found = e.get("reviewers")
+    reviewers: list[Any] = found if isinstance(found, list) else []
+    return "released by " + ", ".join(f"uid {r}" if str(r).isdigit() else str(r) for r in reviewers)
+
+
 _FACTS: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "result_held": _held,
+    "result_approved": lambda e: "approved by " + _reviewer(e),
+    "result_refused": lambda e: "refused by " + _reviewer(e),
+    "result_released": _released,
+    "review_command_undecided": lambda e: f"review_command undecided: {e.get('why')}",
     "job_assigned": _assigned,
     "container_started": _started,
     "result_file_sent": _sent,

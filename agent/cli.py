@@ -3,7 +3,7 @@
 Exit codes: 0 success; 1 failure (the daemon stopped on an error, the node is
 unhealthy for ``status``, the audit chain is broken or the ledger is unreadable for
 ``audit``, where a ledger not yet created is 0); 3 no daemon answers (as LSB's "program
-is not running"); for ``drain``, ``undrain``, ``cancel``, ``reconnect``: 69 no agent
+is not running"); for ``drain``, ``undrain``, ``cancel``, ``reconnect``, ``review``: 69 no agent
 listens on the control socket (EX_UNAVAILABLE), 77 the socket refused the caller
 (EX_NOPERM), 1 the agent refused the command (an unknown job);
 78 the configuration is invalid, or ``run`` found a state directory it cannot make
@@ -76,6 +76,9 @@ def _main(argv: Sequence[str] | None) -> int:
             return _logs(args.config, args.job, args.tail)
         if args.command in ("drain", "undrain", "cancel", "reconnect"):
             return _control(args.config, args.command, getattr(args, "job", None))
+        if args.command == "review":  # agent.airlock.review
+            job, why = getattr(args, "job", None), getattr(args, "why", None)
+            return _control(args.config, f"review_{args.action}", job, why=why)
         if args.command == "audit":
             if args.reset_anchor:
                 return _audit_reset_anchor(args.config)
@@ -124,7 +127,7 @@ def _run(path: Path | None) -> int:
 
     return serve(
         config,
-        gpu=NvmlBackend(),
+        gpu=NvmlBackend(watch_xids=True),
         runtime=DockerRuntime(config.runtime.docker_host),
         config_path=path or default_config_path(),
     )
@@ -276,7 +279,7 @@ def _logs(path: Path | None, job: str, tail: int | None) -> int:
     if data is None:
         print(
             "cloudbender-agent: no log kept for that job (it never had a container, has not "
-            "ended yet, or was forgotten after 7 days)",
+            "ended yet, or was forgotten after 7 days or results.retention_h)",
             file=sys.stderr,
         )
         return EX_FAIL
@@ -285,13 +288,13 @@ def _logs(path: Path | None, job: str, tail: int | None) -> int:
     return EX_OK
 
 
-def _control(path: Path | None, command: str, job_id: str | None) -> int:
+def _control(path: Path | None, command: str, job_id: str | None, **extra: str | None) -> int:
     from agent.control.client import send
 
     # Lenient: an operator in the group usually cannot read the root-only config, and the
     # defaults name the socket the unit makes.
     control = _local_config(path, ["control"], unreadable_ok=True).control
-    print(send(control.socket, command, job_id, group=control.group))
+    print(send(control.socket, command, job_id, group=control.group, **extra))
     return EX_OK
 
 

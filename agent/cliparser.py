@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.jobs.model import State
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,9 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Node agent for federated inference: runs a provider's model container "
         "next to this site's data and sends back only the result files.",
         epilog="run and check-config validate the whole config and exit 78 on any problem. "
-        "The local commands read only what they need (status, jobs: health; gpus: gpus; "
-        "audit: state_dir), so a problem elsewhere, such as a token file's mode, is a note "
-        "on stderr; status, jobs and gpus use the defaults when the file cannot be read.",
+        "The local commands read only what they need (status: health; jobs: health and "
+        "state_dir; gpus: gpus; audit, logs: state_dir; drain, undrain, cancel, reconnect: "
+        "control), so a problem elsewhere, such as a token file's mode, is a note on "
+        "stderr; status, jobs, gpus and the control commands use the defaults when the "
+        "file cannot be read.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -80,10 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument(
         "--all",
         action="store_true",
-        help="ended jobs too (kept 7 days), read from the state directory: works with the "
-        "daemon stopped",
+        help="ended jobs too (kept 7 days, or results.retention_h when longer), read from "
+        "the state directory: works with the daemon stopped",
     )
-    jobs.add_argument("--state", metavar="STATE", help="only jobs in STATE (implies --all)")
+    # An unknown state is refused with the list, never answered "No jobs." (a typo).
+    jobs.add_argument(
+        "--state",
+        metavar="STATE",
+        choices=[s.value for s in State],
+        help="only jobs in STATE (implies --all): " + ", ".join(s.value for s in State),
+    )
     jobs.add_argument(
         "--since",
         metavar="WHEN",
@@ -143,3 +152,17 @@ def _operator_commands(sub: Any, with_config: Callable[[Any], Any]) -> None:
     cancel = with_config(sub.add_parser("cancel", help="stop a job on this node now"))
     cancel.add_argument("job", metavar="JOB", help="the job's id")
     with_config(sub.add_parser("reconnect", help="close the control-plane link and redial now"))
+    review = sub.add_parser(
+        "review", help="the airlock: held results, and releasing or refusing them (docs/airlock.md)"
+    )
+    actions = review.add_subparsers(dest="action", required=True, metavar="ACTION")
+    with_config(actions.add_parser("list", help="jobs whose results wait for review"))
+    for name, words in (
+        ("show", "what a held job would send: its files, hashes and a safe preview"),
+        ("release", "approve a held job's results (review_approvals distinct operators)"),
+        ("refuse", "refuse a held job's results: the job fails result_refused, they are deleted"),
+    ):
+        action = with_config(actions.add_parser(name, help=words))
+        action.add_argument("job", metavar="JOB", help="the job's id")
+    refuse = actions.choices["refuse"]
+    refuse.add_argument("--why", required=True, metavar="TEXT", help="why (kept in the ledger)")

@@ -24,6 +24,7 @@ pong is missing; websockets' own 1007 / 1009 for invalid UTF-8 / a frame over 16
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -58,6 +59,7 @@ from agent.protocol.retry import (
     ended_by_close,
 )
 from agent.tls import TlsSettingError, client_context
+from agent.tls_failure import client_cert_refused, closed_before_answer, server_cert_refused
 from agent.token_file import TokenFileError, read_token
 
 log = structlog.get_logger(__name__)
@@ -282,10 +284,12 @@ class Connection:
         self._session.send(message)
         await self._flush()
 
-    async def send_binary(self, header: dict[str, Any], payload: bytes | memoryview) -> None:
+    async def send_frame(self, type_: str, frame: bytes | memoryview) -> None:
+        """Send a built binary frame; returns once websockets has masked it into its own
+        copy, so the caller may then reuse ``frame``'s buffer."""
         if self._session is None:
-            raise s.SessionError(f"cannot send {header.get('type')}: not connected")
-        self._session.send_binary(header, payload)
+            raise s.SessionError(f"cannot send {type_}: not connected")
+        self._session.send_frame(type_, frame)
         await self._flush()
 
     async def _flush(self) -> None:
@@ -315,9 +319,11 @@ async def dial(
     except (TokenFileError, TlsSettingError) as exc:
         raise Ended(Cause.LOCAL, detail=str(exc)) from exc
     logs.redact(token)
+    lost: list[BaseException] = []  # a TLS alert arrives as what the connection was lost with
     try:
         return await _NoRedirects(
             config.url,
+            create_connection=_remembering(lost),
             subprotocols=[Subprotocol(SUBPROTOCOL)],
             additional_headers={"Authorization": f"Bearer {token}"},
             user_agent_header=user_agent,
@@ -333,15 +339,35 @@ async def dial(
     except InvalidStatus as exc:
         raise Ended(Cause.HTTP_STATUS, http_status=exc.response.status_code) from exc
     except InvalidHandshake as exc:
+        if tls is not None:
+            tls_ended = client_cert_refused(lost[0] if lost else None, config.client_cert)
+            if tls_ended is None and isinstance(exc.__cause__, EOFError):
+                tls_ended = closed_before_answer(config.client_cert)
+            if tls_ended is not None:
+                raise tls_ended from exc
         # Only the type: the text of some (InvalidHeaderValue) quotes the headers sent.
         detail = f"handshake failed ({type(exc).__name__})"
         raise Ended(Cause.UNREACHABLE, detail=detail) from exc
+    except ssl.SSLCertVerificationError as exc:
+        raise server_cert_refused(exc, config.ca_file) from exc
     except (OSError, TimeoutError) as exc:
         raise Ended(Cause.UNREACHABLE, detail=dial_failure_words(exc)) from exc
     except (InvalidURI, InvalidProxy, ValueError) as exc:
         # A bad proxy setting in the environment, or a URL websockets will not dial.
         detail = f"cannot dial ({type(exc).__name__})"
         raise Ended(Cause.LOCAL, detail=detail) from exc
+
+
+def _remembering(lost: list[BaseException]) -> type[ClientConnection]:
+    """A connection class that appends to ``lost`` the error its transport died of."""
+
+    class _Remembering(ClientConnection):
+        def connection_lost(self, exc: Exception | None) -> None:
+            if exc is not None:
+                lost.append(exc)
+            super().connection_lost(exc)
+
+    return _Remembering
 
 
 async def _close(ws: ClientConnection, code: int, reason: str, within_s: float) -> None:

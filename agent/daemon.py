@@ -295,7 +295,7 @@ class Daemon:
 
     async def _janitor_pass(self, jobs: JobSystem) -> None:
         # Delivered results are kept results.retention_h, then deleted; ended jobs are
-        # remembered 7 days for duplicate_job, then forgotten.
+        # remembered 7 days (or retention_h when longer), then forgotten.
         await jobs.janitor_pass(self.config.results.retention_h * 3600)
 
     async def _recover_jobs(self, jobs: JobSystem) -> None:

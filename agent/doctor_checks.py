@@ -7,8 +7,10 @@ cannot be made is a finding too. No check prints the token or any of its charact
 from __future__ import annotations
 
 import asyncio
+import grp
 import stat
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +19,7 @@ from agent.config import ControlPlaneConfig, DatastoreConfig
 from agent.datastore_access import check_readable, describe, fix_command, parse_job_user
 from agent.hostinfo import free_mib
 from agent.runtime.base import RuntimeInfo
+from agent.tls_expiry import expiring, when
 
 Mark = Literal["ok", "fail", "warn", "skip"]
 CONTROL_PLANE_TIMEOUT_S = 5.0  # a person is waiting; the daemon's own dial allows 15 s
@@ -32,9 +35,12 @@ class Check:
     fix: str | None = None
 
 
-def token_file(cp: ControlPlaneConfig) -> Check:
-    """The token file is a regular file, owner-only (0600 or stricter), owned by root."""
-    path = cp.token_file
+def token_file(path: Path) -> Check:
+    """The token file is a regular file, owner-only (0600 or stricter), owned by root.
+
+    Takes the path alone, not the section: doctor checks the path written in the YAML
+    even when the ``control_plane`` section does not validate (a 0644 mode is the usual
+    reason it does not)."""
     try:
         st = path.stat()
     except OSError as exc:
@@ -55,6 +61,21 @@ def token_file(cp: ControlPlaneConfig) -> Check:
             f"chown root: {path}",
         )
     return Check("ok", f"token file {path} has mode {mode:04o}, owned by root")
+
+
+def control_group(group: str) -> Check:
+    """Whether ``control.group`` exists: without it only root may drain or cancel. A
+    ``⚠``, not a ``✗``: a node that root alone runs needs no group."""
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        return Check(
+            "warn",
+            f"control group {group} does not exist: only root may use drain, undrain, "
+            "cancel and reconnect",
+            f"groupadd --system {group}, then usermod -aG {group} NAME",
+        )
+    return Check("ok", f"control group {group} exists: its members may use the controls")
 
 
 def free_space(state_dir: Path, min_free_mib: int) -> Check:
@@ -129,18 +150,25 @@ def gpu_runtime(gpus_by_nvml: int, nvml_reason: str | None, info: RuntimeInfo) -
             "install or load the NVIDIA driver (nvidia-smi must work)",
         )
     if gpus_by_nvml == 0 and not on_bus:
-        return Check("ok", "no NVIDIA GPU on this machine: no GPU runtime needed")
+        path = f" (the engine: {_gpu_path(info)})" if info.reachable else ""
+        return Check("ok", f"no NVIDIA GPU on this machine: no GPU runtime needed{path}")
     if not info.reachable:
         return Check("fail", "GPUs present; the engine's GPU support is unknown (no engine)")
     if not info.gpu_support:
         return Check(
             "fail",
-            f"{max(gpus_by_nvml, on_bus)} GPU(s), but the Docker engine has no NVIDIA "
-            "support: GPU jobs would fail",
-            "install the NVIDIA container toolkit: nvidia-ctk runtime configure "
-            "--runtime=docker && systemctl restart docker",
+            f"{max(gpus_by_nvml, on_bus)} GPU(s), but the Docker engine {_gpu_path(info)}",
+            "see docs/gpus.md: install the NVIDIA container toolkit (CDI spec, or the "
+            'hook with mode = "auto") and restart docker',
         )
-    return Check("ok", f"{gpus_by_nvml} GPU(s) and the engine's NVIDIA support")
+    return Check("ok", f"{gpus_by_nvml} GPU(s), {_gpu_path(info)}")
+
+
+def _gpu_path(info: RuntimeInfo) -> str:
+    # agent.runtime.gpupath's words: the path GPU jobs take and why, or why none.
+    if info.gpu_path is None:
+        return f"cannot give GPUs: {info.gpu_why or 'no NVIDIA support'}"
+    return f"gives GPUs through {info.gpu_path}: {info.gpu_why}"
 
 
 def control_plane(cp: ControlPlaneConfig | None) -> Check:
@@ -188,3 +216,22 @@ async def _probe(cp: ControlPlaneConfig) -> str | None:
         return None
     finally:
         await ws.close(1000, "doctor: upgrade check only")
+
+
+def certificate_expiry(cp: ControlPlaneConfig | None) -> list[Check]:
+    """A line per ``control_plane`` certificate that expires within 14 days (``⚠``) or
+    has expired (``✗``); one ``✓`` line when TLS files are set and none does."""
+    if cp is None or (cp.ca_file is None and cp.client_cert is None):
+        return []
+    now = datetime.now(UTC)
+    found = expiring(cp, now)
+    if not found:
+        return [Check("ok", "control_plane certificates: none expires within 14 days")]
+    return [
+        Check(
+            "fail" if end <= now else "warn",
+            f"control_plane.{key}: {when(path, end, now)}",
+            "ask whoever issued it (the provider, your PKI) for a new certificate",
+        )
+        for key, path, end in found
+    ]

@@ -5,8 +5,8 @@ after the agent stopped or crashed (when a person most wants to know why a job
 failed), and job history and job output stay off the health server, which
 ``health.allow_remote`` can open to the network. So both need root, as ``audit`` does.
 
-History comes from the job store (ended jobs are kept at least 7 days, longer than
-``results.retention_h``'s default); bytes sent from the audit ledger, where each
+History comes from the job store (ended jobs are kept 7 days, or
+``results.retention_h`` when that is longer); bytes sent from the audit ledger, where each
 result file is recorded once per job and resends as byte ranges (docs/audit.md).
 Every cell shown passes through :func:`agent.escaping.escape` (``--json`` is escaped
 by JSON).

@@ -14,6 +14,7 @@ import os
 import psutil
 
 from agent.config.models import Config
+from agent.tls_expiry import expiry_warnings
 
 
 def node_cpus() -> int:
@@ -42,6 +43,8 @@ def host_warnings(config: Config, *, cpus: int | None = None) -> list[str]:
             f"control.group: group {config.control.group!r} does not exist on this host; "
             f"only root may use the control socket (groupadd --system {config.control.group})"
         )
+    # A certificate about to expire is valid today, and a node down in a week.
+    warnings += expiry_warnings(config.control_plane)
     return warnings
 
 

@@ -39,6 +39,8 @@ _EXPECTED = {
     "datastores": "a list of datastores, each with a name and a path",
     "datastores[]": "a datastore: a mapping with a name and a path",
     "datastores[].name": "1 to 64 letters, digits, '.', '_' or '-'",
+    "control.group": "a group name: a letter or '_', then up to 63 letters, digits, "
+    "'.', '_' or '-'",
 }
 
 # By error kind, when the key has no entry above.

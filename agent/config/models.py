@@ -21,6 +21,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from agent import tls
+from agent.airlock.settings import ReviewCommand
 from agent.token_file import token_file_problems
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -298,6 +299,8 @@ class LimitsConfig(_Section):
     max_memory_mib: Annotated[int, Field(ge=6)] = 65536
     pids: PositiveInt = 1024
     tmp_mib: PositiveInt = 1024
+    # /dev/shm per job (Docker's 64 MiB breaks NCCL across GPUs; counts as job memory).
+    shm_mib: PositiveInt = 1024
     # New jobs are refused no_space under this much free space in the state directory.
     min_free_mib: NonNegativeInt = 2048
 
@@ -306,6 +309,10 @@ class ResultsConfig(_Section):
     max_bytes: PositiveInt = 1024**3
     max_files: PositiveInt = 10000
     retention_h: PositiveFloat = 24
+    review: Literal["none", "manual"] = "none"  # the airlock: docs/airlock.md
+    review_command: ReviewCommand = None
+    review_timeout_h: PositiveFloat = 72
+    review_approvals: Annotated[int, Field(ge=1, le=5)] = 1
 
 
 class ModelsConfig(_Section):

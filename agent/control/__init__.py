@@ -9,6 +9,8 @@
   and the drained flag, and its audit-ledger entry.
 - :mod:`agent.control.redial`: the link owner that ``reconnect`` restarts.
 - :mod:`agent.control.client`: the CLI side.
+- ``review list|show|release|refuse``: the airlock's commands, answered by
+  :mod:`agent.airlock.review` over the same socket and access rule.
 
 The health server stays read-only; everything that changes the node goes through here.
 """

@@ -35,10 +35,12 @@ class ControlFailed(AgentError):
     """The agent answered, and refused or could not carry out the command."""
 
 
-def send(path: Path, command: str, job_id: str | None, *, group: str) -> str:
+def send(path: Path, command: str, job_id: str | None, *, group: str, **extra: str | None) -> str:
     """Ask the daemon on ``path``; its message. Raises the errors above. ``group`` is the
-    configured group, named in the refusal when the socket's own cannot be read."""
+    configured group, named in the refusal when the socket's own cannot be read;
+    ``extra``: further request fields (``why`` of ``review_refuse``), None ones left out."""
     request: dict[str, Any] = {"command": command}
+    request.update({k: v for k, v in extra.items() if v is not None})
     if job_id is not None:
         request["job_id"] = job_id
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

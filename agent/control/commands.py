@@ -1,4 +1,5 @@
-"""What the operator's commands do: ``drain``, ``undrain``, ``cancel JOB``, ``reconnect``.
+"""What the operator's commands do: ``drain``, ``undrain``, ``cancel JOB``, ``reconnect``
+(and ``review ...``, handed to :mod:`agent.airlock.review`).
 
 Each accepted command is recorded in the audit ledger (kind ``operator_action``: the
 caller's uid and pid, the command, the job) before it takes effect: a command that
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from agent.airlock.review import REVIEW_COMMANDS, handle_review
 from agent.audit import AuditLedger
 from agent.config.models import ControlConfig
 from agent.control.peer import Peer
@@ -76,6 +78,8 @@ class Operator:
 
     async def __call__(self, peer: Peer, request: dict[str, Any]) -> Reply:
         command = request["command"]
+        if command in REVIEW_COMMANDS:  # the airlock's (agent.airlock.review)
+            return await handle_review(self._manager.airlock, peer, request)
         if command not in COMMANDS:
             return error_reply("bad_request", f"unknown command {command[:40]!r}")
         job_id = request.get("job_id")

@@ -30,6 +30,7 @@ from agent.controlplane.commands import Commands
 from agent.controlplane.control import ControlChannel, ControlChannelError, default_path, request
 from agent.controlplane.errors import ControlPlaneError
 from agent.controlplane.jobfile import JobFileError, load_job_file, model_path
+from agent.controlplane.mtls import server_context
 from agent.controlplane.server import ControlPlane
 
 EXIT_FAILED, EXIT_DATAERR, EXIT_CONFIG = 1, 65, 78
@@ -91,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--heartbeat-s", type=float, default=15)
     serve.add_argument("--tls-cert", type=Path, help="serve wss:// with this PEM chain")
     serve.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
+    serve.add_argument(
+        "--client-ca", type=Path,
+        help="require client certificates signed by a CA in this PEM; the CN is the node id",
+    )  # fmt: skip
     serve.add_argument("--log-format", choices=("console", "json"), default="console")
 
     submit = sub.add_parser("submit", parents=[control, as_json], help="assign a job file")
@@ -147,9 +152,15 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     context = None
+    if args.client_ca and not args.tls_cert:
+        print("error: --client-ca needs --tls-cert (mutual TLS is TLS)", file=sys.stderr)
+        return EXIT_CONFIG
     if args.tls_cert:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(args.tls_cert, args.tls_key)
+        try:
+            context = server_context(args.tls_cert, args.tls_key, args.client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"error: TLS files: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     results_dir = args.results_dir.absolute()
     cp = ControlPlane(
         tokens, host, port, heartbeat_s=args.heartbeat_s, ssl=context,

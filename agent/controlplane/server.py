@@ -26,6 +26,12 @@ from agent.controlplane.api import ControlPlaneAPI
 from agent.controlplane.artifacts import ArtifactStore, Fault
 from agent.controlplane.auth import ANY_NODE, WS_LOGGER, AuthedConnection, Gate, Tokens
 from agent.controlplane.errors import NodeNotConnected
+from agent.controlplane.mtls import (
+    PresentedCert,
+    node_refusal,
+    presented_cert,
+    requires_client_cert,
+)
 from agent.controlplane.results import ResultStore
 from agent.controlplane.session import AgentSession, read_hello
 from agent.controlplane.state import Registry
@@ -55,6 +61,10 @@ class ControlPlane(ControlPlaneAPI):
     Test options: ``protocol_versions`` (the ``hello.protocol`` values spoken),
     ``select_subprotocol=False`` (accept without selecting ``cloudbender-agent.v1``,
     so that the agent's refusal can be tested), ``heartbeat_s`` (sent in ``welcome``).
+
+    TLS: ``ssl`` serves ``wss://``; one from :func:`~agent.controlplane.mtls.server_context`
+    with ``client_ca`` requires client certificates and binds each to the node id in
+    its CN (refused with 4401 otherwise); :attr:`client_certs` records those accepted.
 
     Results (§5) are stored under ``results_dir`` (default: a temporary directory that
     lives as long as this object); a CP built on the directory of an earlier one
@@ -101,6 +111,8 @@ class ControlPlane(ControlPlaneAPI):
         self._server: Server | None = None
         self._live: dict[str, AgentSession] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Each client certificate accepted at a hello, per node, oldest first (mtls.py).
+        self.client_certs: dict[str, list[PresentedCert]] = {}
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -182,6 +194,15 @@ class ControlPlane(ControlPlaneAPI):
             log.warning("cp.node_refused", node_id=node_id)
             await conn.close(CLOSE_AUTH, "node_id not allowed for this token")
             return
+        if requires_client_cert(self._ssl):
+            cert = presented_cert(conn.transport.get_extra_info("peercert"))
+            refusal = node_refusal(cert, node_id)
+            if refusal is not None:
+                log.warning("cp.client_cert_refused", node_id=node_id, reason=refusal)
+                await conn.close(CLOSE_AUTH, refusal)
+                return
+            assert cert is not None
+            self.client_certs.setdefault(node_id, []).append(cert)
         session = AgentSession(
             conn,
             self.registry,

@@ -13,6 +13,7 @@ come from prometheus_client's ProcessCollector on the same registry.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -27,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from agent.gpu.base import HEALTH_STATES
 from agent.health.facts import CONTROL_PLANE_STATES, NodeFacts, Problem
+from agent.health.node_rows import held
 from agent.jobs.model import TERMINAL, State
 from agent.jobs.tally import EMPTY, TallySnapshot
 
@@ -124,6 +126,17 @@ class AgentCollector(Collector):
         for state, count in counts.items():
             current.add_metric([state], count)
         yield current
+        review = held(self._facts.jobs, time.time())
+        yield GaugeMetricFamily(
+            "cloudbender_jobs_held",
+            "Jobs whose results wait for review on the node (results.review).",
+            value=review["count"],
+        )
+        yield GaugeMetricFamily(
+            "cloudbender_jobs_held_oldest_seconds",
+            "How long the longest-held job's results have waited for review (0: none).",
+            value=review["oldest_s"],
+        )
         tally = self._facts.tally
         snap = tally.snapshot() if tally is not None else TallySnapshot({}, {}, 0)
         ended = CounterMetricFamily(

@@ -7,6 +7,7 @@ for :func:`token_fingerprint`, which reads the token file.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -63,7 +64,15 @@ def node_rows(facts: NodeFacts, config: Config) -> dict[str, Any]:
         "draining": bool(getattr(facts, "draining", False)),
         "pending_restart": list(getattr(facts, "pending_restart", ())),
         "token": token_fingerprint(config),
+        "held": held(facts.jobs, time.time()),
     }
+
+
+def held(jobs: Iterable[dict[str, Any]], now: float) -> dict[str, Any]:
+    """Jobs whose results wait for review (docs/airlock.md), and the longest wait in
+    seconds (0 when none is held). Shared by ``/status`` and the metrics."""
+    since = [float(j.get("state_since") or now) for j in jobs if j.get("state") == "held"]
+    return {"count": len(since), "oldest_s": max((now - s for s in since), default=0.0)}
 
 
 def render_node_rows(doc: dict[str, Any]) -> list[str]:
@@ -89,6 +98,13 @@ def render_node_rows(doc: dict[str, Any]) -> list[str]:
         keys = doc.get("pending_restart") or []
         pending = f"yes, for {', '.join(map(str, keys))}" if keys else "no"
         lines.append(f"{'Restart needed':<14} {pending}")
+    review = doc.get("held")
+    if review and review.get("count"):
+        minutes = int(float(review.get("oldest_s") or 0) // 60)
+        lines.append(
+            f"{'Held results':<14} {review.get('count')} job(s), the oldest waiting "
+            f"{minutes // 60}h{minutes % 60:02d}m (cloudbender-agent review list)"
+        )
     token = doc.get("token")
     if token:
         shown = token.get("fingerprint") or f"unreadable ({token.get('error')})"

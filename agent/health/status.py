@@ -25,6 +25,14 @@ def _redacted_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
+def _runtime_row(facts: NodeFacts) -> dict[str, Any] | None:
+    # hello's runtime object, plus how jobs get their GPUs (legacy, cdi, null) and why.
+    rt = facts.runtime
+    if rt is None:
+        return None
+    return {**rt.to_dict(), "gpu_path": rt.gpu_path, "gpu_why": rt.gpu_why}
+
+
 def status_document(facts: NodeFacts, config: Config, problems: list[Problem]) -> dict[str, Any]:
     now = time.time()
     cp = facts.control_plane
@@ -44,7 +52,7 @@ def status_document(facts: NodeFacts, config: Config, problems: list[Problem]) -
         "gpus": facts.gpus.to_dict() if facts.gpus is not None else None,
         "host": facts.host.to_dict() if facts.host is not None else None,
         "datastores": [{"name": d.name, "description": d.description} for d in config.datastores],
-        "runtime": facts.runtime.to_dict() if facts.runtime is not None else None,
+        "runtime": _runtime_row(facts),
         "jobs": [{**job, "age_s": round(now - job["created_at"], 1)} for job in facts.jobs],
         **node_rows(facts, config),
     }

@@ -66,6 +66,7 @@ class Admitted:
     gpu_types: tuple[str, ...] | None
     max_result_bytes: int
     max_result_files: int
+    shm_mib: int = 64
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,7 @@ def admit(
         memory_mib=memory_mib,
         pids=config.limits.pids,
         tmp_mib=config.limits.tmp_mib,
+        shm_mib=config.limits.shm_mib,
         timeout_s=timeout_s,
         gpu_count=gpu_count,
         gpu_types=gpu_types,

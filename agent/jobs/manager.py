@@ -28,9 +28,10 @@ from agent.config import Config
 from agent.errors import AgentError
 from agent.gpu.base import GpuInventory
 from agent.jobs.admission import Admitted, Rejected, admit, node_refusal
+from agent.jobs.context import Resume, RunnerContext
 from agent.jobs.model import ORDER, State, check_transition
 from agent.jobs.operator import cancellable
-from agent.jobs.runner import JobRunner, Resume, RunnerContext
+from agent.jobs.runner import JobRunner
 from agent.jobs.store import JobRecord, JobStore
 from agent.jobs.tally import JobTally
 from agent.link import Uplink
@@ -76,6 +77,7 @@ class JobManager:
         # Called after every change of the job list, for /status and metrics.
         self._on_change = on_change
         self.draining = False  # the operator's drain: new assignments rejected draining
+        self.airlock = ctx.airlock  # held results and their review (agent.control)
 
     # -- what the control plane says (through agent.dispatch) --------------------------
 
@@ -232,10 +234,11 @@ class JobManager:
             if job is None:
                 await self._transition(record.job_id, State.FAILED, "agent_error", None)
                 await self._remove(container)
-            elif record.state is State.UPLOADING:
+            elif record.state in (State.HELD, State.UPLOADING):
                 # Its container exited 0 and is kept until the job ends (removed then).
                 container_id = container.id if container is not None else record.container_id
-                self._start(job, Resume(container_id=container_id, uploading=True))
+                held = record.state is State.HELD  # held again, approvals kept (agent.airlock)
+                self._start(job, Resume(container_id=container_id, uploading=True, held=held))
             elif container is not None and container.status != "created":
                 log.info("job_readopted", job_id=record.job_id, container=container.id[:12])
                 self._start(job, Resume(container_id=container.id, gpus=record.gpu_uuids))
@@ -374,6 +377,7 @@ class JobManager:
                     "reason": record.reason,
                     "exit_code": record.exit_code,
                     "created_at": record.created_at,
+                    "state_since": record.updated_at,  # held: waiting since (airlock)
                     "image": image,
                     "datastore": record.assignment.get("datastore"),
                     "gpus": list(runner.gpus if runner else record.gpu_uuids),

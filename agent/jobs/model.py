@@ -2,16 +2,13 @@
 
 ::
 
-    accepted → [waiting] → preparing → running → uploading → succeeded
-        └──────────┴───────────┴──────────┴──────────┴──→ failed | cancelled | timed_out
+    accepted → [waiting] → preparing → running → [held] → uploading → succeeded
+        └──────────┴───────────┴──────────┴─────────┴──────────┴──→ failed | cancelled | timed_out
 
-``waiting`` is entered only when the job cannot start at once; every other state is
-entered in order until the job ends, and a job can end from any state. A job ends in
-exactly one terminal state.
-
-Revision 1.1's reasons and rejection code are listed here; its state ``held`` (between
-``running`` and ``uploading``, only on nodes that review results, docs/protocol.md §5a) is
-not: it comes with the review feature, which must also let ``running`` skip it.
+``waiting`` is entered only when the job cannot start at once, ``held`` only when the
+node reviews results (``results.review``, docs/protocol.md §5a, agent.airlock); every
+other state is entered in order until the job ends, and a job can end from any state. A
+job ends in exactly one terminal state.
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ class State(StrEnum):
     WAITING = "waiting"
     PREPARING = "preparing"
     RUNNING = "running"
+    HELD = "held"  # 1.1: results wait for the consumer's review (§5a)
     UPLOADING = "uploading"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -36,7 +34,16 @@ class State(StrEnum):
 
 
 TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED, State.TIMED_OUT})
-ORDER = (State.ACCEPTED, State.WAITING, State.PREPARING, State.RUNNING, State.UPLOADING)
+ORDER = (
+    State.ACCEPTED,
+    State.WAITING,
+    State.PREPARING,
+    State.RUNNING,
+    State.HELD,
+    State.UPLOADING,
+)
+# The optional states, and the state after which each may be skipped.
+SKIPPABLE_AFTER = {State.ACCEPTED: State.WAITING, State.RUNNING: State.HELD}
 
 # Failure reasons of docs/protocol.md §4.
 FAILURE_REASONS = frozenset(
@@ -89,7 +96,8 @@ def check_transition(current: State, new: State, reason: str | None = None) -> N
     """Raise :class:`TransitionError` unless ``current → new`` is allowed.
 
     Terminal states need a matching ``reason``; non-terminal ones must move forward
-    (``waiting`` may be skipped, nothing else may), and nothing leaves a terminal state.
+    (``waiting`` and ``held`` may be skipped, nothing else may), and nothing leaves a
+    terminal state.
     """
     if current.terminal:
         raise TransitionError(f"job already ended {current.value}")
@@ -100,6 +108,6 @@ def check_transition(current: State, new: State, reason: str | None = None) -> N
     if reason is not None:
         raise TransitionError(f"{new.value} is not terminal and takes no reason")
     here, there = ORDER.index(current), ORDER.index(new)
-    allowed_next = {here + 1} | ({here + 2} if current is State.ACCEPTED else set())
+    allowed_next = {here + 1} | ({here + 2} if current in SKIPPABLE_AFTER else set())
     if there not in allowed_next:
         raise TransitionError(f"{current.value} → {new.value} skips or repeats a state")

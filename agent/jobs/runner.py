@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import structlog
 
-from agent.audit import AuditLedger
 from agent.errors import (
     AgentError,
     ContainerCreateError,
@@ -33,16 +30,12 @@ from agent.errors import (
 )
 from agent.faults import crash_point
 from agent.jobs.admission import Admitted
+from agent.jobs.context import JobEnded, Resume, RunnerContext
 from agent.jobs.engine import check_not_lost, wait_slice
-from agent.jobs.gpus import GpuLeases
-from agent.jobs.joblogs import JobLogs
 from agent.jobs.model import FAILURE_REASONS, State
-from agent.jobs.outputfs import OutputVolumes
 from agent.loops import Interrupted, unless_set
-from agent.models.cache import ModelCache
-from agent.results.delivery import ResultDelivery
-from agent.runtime.base import ContainerSpec, ContainerState, Runtime
-from agent.runtime.watch import EngineWatch
+from agent.results.spool import Manifest
+from agent.runtime.base import ContainerSpec, ContainerState
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -51,64 +44,6 @@ WAIT_SLICE_S = 1.0
 STOP_SETTLE_S = 30.0  # after a stop, how long the engine may take to report the end
 
 Transition = Callable[[State, str | None, int | None], Awaitable[None]]
-
-
-class JobEnded(Exception):
-    """Raised inside the runner to end the job early, in a failed or cancelled state.
-    (A job that succeeds is not an exception: :meth:`JobRunner._run` returns.)"""
-
-    def __init__(self, state: State, reason: str, exit_code: int | None = None) -> None:
-        super().__init__(f"{state.value}/{reason}")
-        self.state, self.reason, self.exit_code = state, reason, exit_code
-
-
-@dataclass(frozen=True)
-class Resume:
-    """Where a re-adopted job picks up after an agent restart."""
-
-    container_id: str | None = None
-    gpus: tuple[str, ...] = ()
-    uploading: bool = False
-
-
-class Signal:
-    """A one-shot broadcast, re-armed on use: "GPUs were released or came back"."""
-
-    def __init__(self) -> None:
-        self._next: asyncio.Future[None] | None = None
-
-    def next(self) -> asyncio.Future[None]:
-        """A future resolved at the next :meth:`fire`."""
-        if self._next is None or self._next.done():
-            self._next = asyncio.get_running_loop().create_future()
-        return self._next
-
-    def fire(self) -> None:
-        if self._next is not None and not self._next.done():
-            self._next.set_result(None)
-        self._next = None
-
-
-@dataclass
-class RunnerContext:
-    """What every runner shares; owned by the job manager."""
-
-    runtime: Runtime
-    leases: GpuLeases
-    node_id: str
-    job_user: Callable[[], str]  # read per job: a reload may change it
-    outputs: OutputVolumes
-    stop_grace_s: Callable[[], float]
-    allow_pull: Callable[[], bool]
-    gpu_inventory: Callable[[], Any]
-    resources_changed: Signal
-    wait_pool: ThreadPoolExecutor
-    results: ResultDelivery
-    models: ModelCache | None = None
-    audit: AuditLedger | None = None
-    job_logs: JobLogs | None = None  # the tail of each job's output, kept before removal
-    pull_timeout_s: float = 1800.0
-    engine: EngineWatch | None = None  # agent.jobs.engine: outages end jobs container_lost
 
 
 class JobRunner:
@@ -171,8 +106,7 @@ class JobRunner:
             self.container_id = resume.container_id
         if resume is not None and resume.uploading:
             self.exit_code = 0  # only a container that exited 0 gets to uploading
-            await self._upload()
-            return
+            return await self._deliver(resume.held)
         if resume is not None and resume.container_id is not None:
             # Re-adopted after an agent restart: the container is the engine's, still
             # running or already exited; carry on from waiting for its end.
@@ -193,8 +127,19 @@ class JobRunner:
         if exited.exit_code != 0:  # the job's, unless the engine ended it (container_lost)
             await check_not_lost(self._ctx.runtime, self._ctx.engine, exited)
             raise JobEnded(State.FAILED, "exit_nonzero", exited.exit_code)
+        return await self._deliver(self._ctx.airlock is not None and self._ctx.airlock.required())
+
+    async def _deliver(self, hold: bool) -> None:
+        if hold and self._ctx.airlock is not None:  # spool, then held (agent.airlock.hold)
+            self._release()  # a job waiting for a person holds no GPU
+            args = (self._job, self._spool_for_review, self._transition, self.cancel_requested)
+            if not await self._ctx.airlock.hold(*args):
+                raise JobEnded(State.CANCELLED, self.cancel_reason)
         await self._transition(State.UPLOADING, None, None)
-        await self._upload()
+        # The output stays until the job ends (_cleanup): removing a large one (an unmount
+        # that flushes its pages, then the image) takes about as long as sending it, and
+        # the spool's copy is what is sent. docs/results.md §2.
+        await self._until_cancelled(self._ctx.results.deliver(await self._spool()))
 
     async def _prepare_and_start(self) -> None:
         self.gpus = await self._lease_gpus()
@@ -221,7 +166,7 @@ class JobRunner:
         await self._transition(State.RUNNING, None, None)
         await self._audit_start(self.container_id)
 
-    async def _upload(self) -> None:
+    async def _spool(self) -> Manifest:
         results, outputs = self._ctx.results, self._ctx.outputs
         manifest = results.spool.load(self.job_id)
         if manifest is None:
@@ -232,11 +177,15 @@ class JobRunner:
             manifest = await results.spool_output(
                 self.job_id, output, self._job.max_result_bytes, self._job.max_result_files
             )
-        # The spool holds a durable, verified copy now; the output can go.
-        crash_point("spool.manifest_written")
+        crash_point("spool.manifest_written")  # a durable, verified copy; the output stays
+        return manifest
+
+    async def _spool_for_review(self) -> Manifest:
+        """Spool, then remove the output at once: a review may take days."""
+        manifest = await self._spool()
         await self._remove_output()
         crash_point("spool.output_removed")
-        await self._until_cancelled(results.deliver(manifest))
+        return manifest
 
     # -- steps ----------------------------------------------------------------------------
 
@@ -305,6 +254,7 @@ class JobRunner:
             memory_mib=job.memory_mib,
             pids=job.pids,
             tmp_mib=job.tmp_mib,
+            shm_mib=job.shm_mib,
             gpu_uuids=self.gpus,
         )
 
@@ -386,6 +336,7 @@ class JobRunner:
             except ContainerRuntimeError as exc:
                 log.error("container_remove_failed", job_id=self.job_id, error=str(exc))
         await self._remove_output()
+        crash_point("spool.output_removed")
 
     async def _remove_output(self) -> None:
         try:

@@ -7,6 +7,7 @@ tests can build the same job system around a real engine without a daemon.
 from __future__ import annotations
 
 import asyncio
+import importlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,17 +15,20 @@ from pathlib import Path
 
 import structlog
 
+from agent.airlock.approvals import ApprovalStore
+from agent.airlock.hold import Airlock, ReviewCommandFn
 from agent.audit import AuditError, AuditLedger, ledger_path
 from agent.config import Config
 from agent.dispatch import Dispatcher
 from agent.errors import ModelStorageError
 from agent.gpu.base import GpuInventory
+from agent.jobs.context import RunnerContext, Signal
 from agent.jobs.gpus import GpuLeases
 from agent.jobs.joblogs import JobLogs, logs_dir
 from agent.jobs.livepool import LivePool
 from agent.jobs.manager import JobManager
+from agent.jobs.model import State
 from agent.jobs.outputfs import OutputVolumes
-from agent.jobs.runner import RunnerContext, Signal
 from agent.jobs.store import AuditAnchor, JobStore, StoreError, store_path
 from agent.link import Uplink
 from agent.models.cache import ModelCache
@@ -49,17 +53,23 @@ class JobSystem:
 
     async def janitor_pass(self, retention_s: float) -> None:
         """Delete results delivered more than ``retention_s`` ago, and forget jobs ended
-        long enough ago (7 days) that a resent assignment is no longer a duplicate."""
+        long enough ago (7 days, or ``retention_s`` when longer: ``jobs --all`` lists a
+        job as long as its results are kept) that a resent assignment is no longer a
+        duplicate."""
         gone = await asyncio.to_thread(self.ctx.results.spool.purge_delivered, retention_s)
         if gone:
             log.info("delivered_results_deleted", jobs=gone)
-        self.store.forget_old()
+        self.store.forget_old(keep_s=retention_s)
+        if self.ctx.airlock is not None:  # holds of jobs no longer held (agent.airlock)
+            self.ctx.airlock.prune(lambda job_id: _may_be_held(self.store, job_id))
 
     async def close(self) -> None:
         """Stop runners (containers keep running), release threads, close the store."""
         await self.manager.stop()
         await self.fetcher.close()
         self.audit.close()
+        if self.ctx.airlock is not None:
+            self.ctx.airlock.store.close()
         self.wait_pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
@@ -73,6 +83,7 @@ def build_jobs(
     node_cpus: Callable[[], int],
     gpu_support: Callable[[], bool],
     on_change: Callable[[], None] = lambda: None,
+    review_command: ReviewCommandFn | None = None,
 ) -> JobSystem:
     """Open the store in ``state_dir`` and build the manager. Raises ``StoreError``."""
     first = config()
@@ -115,6 +126,14 @@ def build_jobs(
         models=models,
         audit=audit,
         job_logs=JobLogs(logs_dir(state_dir), lambda: config().logging.job_log_tail_kib * 1024),
+        airlock=Airlock(
+            lambda: config().results,
+            ApprovalStore(store_path(state_dir)),
+            spool,
+            audit,
+            lambda: config().runtime.job_user,
+            review_command or _sandboxed_review_command(),
+        ),
     )
     manager = JobManager(
         config=config,
@@ -129,3 +148,22 @@ def build_jobs(
     )
     session = Dispatcher(uplink=uplink, jobs=manager, results=uploader, artifacts=fetcher)
     return JobSystem(manager, store, ctx, wait_pool, fetcher, audit, session)
+
+
+def _may_be_held(store: JobStore, job_id: str) -> bool:
+    """Whether ``job_id`` is held or may still be (running, or held before a restart not
+    yet recovered): its review rows must stay. Not once it is uploading or ended."""
+    record = store.get(job_id)
+    return record is not None and not record.state.terminal and record.state is not State.UPLOADING
+
+
+def _sandboxed_review_command() -> ReviewCommandFn | None:
+    """The real ``review_command`` runner (agent.airlock.command), looked up by name so
+    that the job system builds without it (then a configured command is never run and
+    every held job waits for a person)."""
+    try:
+        module = importlib.import_module("agent.airlock.command")
+    except ImportError:
+        return None
+    found: ReviewCommandFn | None = getattr(module, "run_review_command", None)
+    return found

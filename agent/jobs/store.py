@@ -151,10 +151,13 @@ class JobStore:
         ).fetchall()
         return [_row(r) for r in rows]
 
-    def forget_old(self, now: float | None = None) -> int:
-        """Drop acknowledged jobs that ended more than 7 days ago, and their kept logs
-        (``<state_dir>/logs``, next to the store); return how many."""
-        cutoff = (time.time() if now is None else now) - REMEMBER_S
+    def forget_old(self, now: float | None = None, *, keep_s: float = 0.0) -> int:
+        """Drop acknowledged jobs that ended more than ``max(REMEMBER_S, keep_s)`` ago,
+        and their kept logs (``<state_dir>/logs``, next to the store); return how many.
+
+        The caller passes ``results.retention_h`` as ``keep_s``: ``jobs --all`` must
+        list an ended job for at least as long as its results are kept."""
+        cutoff = (time.time() if now is None else now) - max(REMEMBER_S, keep_s)
         try:
             with self._db:
                 ids = [
@@ -280,7 +283,8 @@ def read_history(
     """Every job in the store at ``path``, read-only, oldest first (``jobs --all``).
 
     ``since``: only jobs not ended before then (still running, or ended at or after it);
-    ``state``: only jobs in that state. Ended jobs stay at least :data:`REMEMBER_S`.
+    ``state``: only jobs in that state. Ended jobs stay at least :data:`REMEMBER_S`,
+    or ``results.retention_h`` when longer (:meth:`JobStore.forget_old`).
     An empty list when there is no store (the command must not create one). Raises
     :class:`StoreError` when the store exists but cannot be read (``PermissionError``
     included: it is root's).

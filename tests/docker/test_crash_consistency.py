@@ -35,7 +35,7 @@ POINTS = [
     "spool.file_copied:2",  # some files copied into the spool, not all
     "spool.files_copied",  # all copied, the manifest not yet written
     "spool.manifest_written",  # the manifest durable, the output still there
-    "spool.output_removed",  # the output gone, nothing sent yet
+    "spool.output_removed",  # the job's end recorded, its output gone
     "upload.chunk_sent:3",  # while the results stream
 ]
 

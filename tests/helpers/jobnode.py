@@ -107,12 +107,16 @@ class JobNode:
         return [m["state"] for m in self.messages("job.state", job_id)]
 
     def wait_state(self, job_id: str, state: str, timeout: float = 60) -> dict[str, Any]:
-        return self.cp.wait_for_message(
+        """The job's ``job.state`` ``state``; fails at once if the job ended without it
+        (rather than waiting ``timeout`` for a state that can no longer come)."""
+        found = self.cp.wait_for_message(
             self.node_id,
             "job.state",
-            predicate=lambda m: m["job_id"] == job_id and m["state"] == state,
+            predicate=lambda m: m["job_id"] == job_id and m["state"] in {state, *TERMINAL},
             timeout=seconds(timeout),
         )
+        assert found["state"] == state, f"{job_id} ended without reaching {state}: {found}"
+        return found
 
     def wait_end(self, job_id: str, timeout: float = 60) -> dict[str, Any]:
         return self.cp.wait_for_message(
@@ -166,12 +170,17 @@ def job_node(
     *,
     heartbeat_s: float = 15,
     agent_env: dict[str, str] | None = None,
+    node_id: str | None = None,
+    cp_options: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Iterator[JobNode]:
     """Start a control plane and an agent whose config ``overrides`` may amend per section
-    (``agent_env``: extra environment for the first agent process)."""
-    node_id = f"jobs-{uuid.uuid4().hex[:10]}"
-    cp = ThreadedControlPlane(tokens={TOKEN: node_id}, heartbeat_s=heartbeat_s)
+    (``agent_env``: extra environment for the first agent process; ``cp_options``: more
+    arguments of :class:`ControlPlane`, such as ``ssl``)."""
+    node_id = node_id or f"jobs-{uuid.uuid4().hex[:10]}"
+    cp = ThreadedControlPlane(
+        tokens={TOKEN: node_id}, heartbeat_s=heartbeat_s, **(cp_options or {})
+    )
     cp.start()
     config = valid_config(tmp_path)
     data_dir = Path(config["datastores"][0]["path"])

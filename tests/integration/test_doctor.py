@@ -41,6 +41,8 @@ def _good_node(tmp_path: Path, cp: ThreadedControlPlane) -> tuple[dict[str, Any]
     (data / "vitals.csv").chmod(0o644)
     (tmp_path / "token").write_text(TOKEN + "\n")
     config["control_plane"]["url"] = cp.url
+    # A group this host has: a missing control group is a ⚠ line (only root may drain).
+    config.setdefault("control", {})["group"] = "root"
     unit = tmp_path / "cloudbender-agent.service"
     unit.write_text(
         f"[Service]\nProtectSystem=strict\nStateDirectory=cloudbender-agent\n"

@@ -269,7 +269,7 @@ _SECTIONS = "|".join(sorted(Config.model_fields, key=len, reverse=True))
 # A dotted key shown inline: `control_plane.allow_insecure`, `datastores[0].path`.
 _DOTTED = re.compile(rf"^(?:{_SECTIONS})(?:\[\d+\])?(?:\.[a-z_]+)+(?:: .*)?$")
 # ... but not a file name: `results.py`, `gpus.md`.
-_FILE_NAME = re.compile(r"\.(?:py|md|yaml|yml|json|jsonl|sh|db|img|txt)$")
+_FILE_NAME = re.compile(r"\.(?:py|md|yaml|yml|json|jsonl|sh|db|img|txt|pem|key|crt|csr)$")
 # Protocol fields that share a first word with a config section; not config keys.
 _PROTOCOL_FIELDS = {"gpus.types", "gpus.count", "runtime.version", "runtime.engine"}
 
