@@ -26,11 +26,10 @@ from pathlib import Path
 from agent.cliparser import build_parser
 from agent.config import Config, default_config_path, load_config
 from agent.config.loading import load_sections
-from agent.control.client import ControlFailed, ControlRefused, ControlUnavailable
+from agent.control.client import ControlError
 from agent.errors import ConfigError, DaemonUnreachable, StateDirError
 
 EX_OK, EX_FAIL, EX_NOT_RUNNING, EX_CONFIG = 0, 1, 3, 78
-EX_UNAVAILABLE, EX_NOPERM = 69, 77  # sysexits.h: the operator's commands (agent.control)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,15 +90,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except StateDirError as exc:
         print(f"cloudbender-agent: {exc}", file=sys.stderr)
         return EX_CONFIG
-    except ControlRefused as exc:
+    except ControlError as exc:  # 77 refused, 69 no agent, 1 the agent said no
         print(f"cloudbender-agent {args.command}: {exc}", file=sys.stderr)
-        return EX_NOPERM
-    except ControlUnavailable as exc:
-        print(f"cloudbender-agent {args.command}: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
-    except ControlFailed as exc:
-        print(f"cloudbender-agent {args.command}: {exc}", file=sys.stderr)
-        return EX_FAIL
+        return exc.exit_code
     except DaemonUnreachable as exc:
         print(f"cloudbender-agent: {exc}", file=sys.stderr)
         return EX_NOT_RUNNING

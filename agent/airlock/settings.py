@@ -17,6 +17,8 @@ from pydantic import AfterValidator, ValidationInfo
 from pydantic_core import PydanticCustomError
 
 MAX_ARGS = 64
+# Private to the sandbox (agent.airlock.sandbox_exec): the host's are not seen there.
+HIDDEN = ("/tmp", "/var/tmp", "/dev/shm", "/run")
 MAX_ARG_LEN = 4096
 
 
@@ -42,6 +44,15 @@ def check_review_command(argv: list[str] | None, review: str | None) -> list[str
         )
     if any("\0" in a for a in argv):
         raise _problem("review_command_nul", "an argument holds a NUL byte")
+    hidden = next((a for a in argv if _hidden_in_sandbox(a)), None)
+    if hidden is not None:
+        raise _problem(
+            "review_command_hidden",
+            "{path} is under a directory the review sandbox hides ({dirs}): the program "
+            "would not find it; install it elsewhere (e.g. /usr/local/lib)",
+            path=hidden,
+            dirs=", ".join(HIDDEN),
+        )
     program = Path(argv[0])
     if not program.is_absolute():
         raise _problem("review_command_relative", "{path} is not an absolute path", path=argv[0])
@@ -61,6 +72,13 @@ def check_review_command(argv: list[str] | None, review: str | None) -> list[str
             path=argv[0],
         )
     return argv
+
+
+def _hidden_in_sandbox(arg: str) -> bool:
+    if not arg.startswith("/"):
+        return False
+    path = os.path.normpath(arg)
+    return any(path == d or path.startswith(d + "/") for d in HIDDEN)
 
 
 def _validate(value: list[str] | None, info: ValidationInfo) -> list[str] | None:

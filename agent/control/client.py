@@ -23,15 +23,25 @@ from agent.errors import AgentError
 REPLY_TIMEOUT_S = 30.0
 
 
-class ControlUnavailable(AgentError):
+class ControlError(AgentError):
+    """An operator's command did not happen; ``exit_code`` is the CLI's status for it."""
+
+    exit_code = 1
+
+
+class ControlUnavailable(ControlError):
     """No agent answers on the control socket."""
 
+    exit_code = 69  # sysexits.h EX_UNAVAILABLE
 
-class ControlRefused(AgentError):
+
+class ControlRefused(ControlError):
     """The caller may not use the control socket."""
 
+    exit_code = 77  # EX_NOPERM
 
-class ControlFailed(AgentError):
+
+class ControlFailed(ControlError):
     """The agent answered, and refused or could not carry out the command."""
 
 

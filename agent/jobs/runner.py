@@ -98,6 +98,11 @@ class JobRunner:
         # it is stored); only then are the container and the output removed.
         self._release()
         await self._transition(state, reason, exit_code)
+        if state is not State.SUCCEEDED:  # spooled results that will never leave
+            try:
+                await asyncio.to_thread(self._ctx.results.spool.remove, self.job_id)
+            except (AgentError, OSError) as exc:
+                log.error("spool_remove_failed", job_id=self.job_id, error=str(exc))
         await self._cleanup()
 
     async def _run(self, resume: Resume | None) -> None:

@@ -19,7 +19,6 @@ import yaml
 from tests.helpers.env import seconds
 from tests.helpers.jobnode import JobNode, job_node
 from tests.helpers.operator import NOBODY, cli_as, operator_config, runtime_dir
-from tests.helpers.proc import agent_command
 
 pytestmark = pytest.mark.docker
 
@@ -53,13 +52,7 @@ def two(tmp_path: Path, docker_client: docker.DockerClient) -> Iterator[JobNode]
 
 
 def _cli(node: JobNode, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*agent_command(), *args, "--config", str(node.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=seconds(60),
-        check=False,
-    )
+    return node.cli(*args)
 
 
 def _as(node: JobNode, groups: list[int], *args: str) -> subprocess.CompletedProcess[str]:

@@ -16,6 +16,7 @@ from tests.docker.test_airlock import GROUP, _cli, _ledger, _result_frames, _wai
 from tests.helpers.env import seconds
 from tests.helpers.jobnode import JobNode, job_node
 from tests.helpers.operator import runtime_dir
+from tests.helpers.reachable import reachable_dir
 
 pytestmark = pytest.mark.docker
 
@@ -40,6 +41,15 @@ def _counts(*rows: tuple[str, int]) -> str:
     return f"printf 'site,count\\n{body}' > /opt/output/counts.csv"
 
 
+def _installed(directory: Path) -> Path:
+    """The example where the sandbox can run it: a checkout may lie under /tmp (hidden
+    in the sandbox) or be root-only."""
+    program = directory / "small_cells.py"
+    program.write_bytes(EXAMPLE.read_bytes())
+    program.chmod(0o644)
+    return program
+
+
 def test_the_example_program_approves_a_safe_table_and_refuses_a_small_cell(
     tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
@@ -47,8 +57,12 @@ def test_the_example_program_approves_a_safe_table_and_refuses_a_small_cell(
     leaves because nobody was there to look. The consumer's own small-cell check must
     refuse it, with its reason in the ledger and not sent, while a safe table is
     released by the program alone (review_approvals: 1) and delivered."""
-    argv = [PYTHON, str(EXAMPLE), "--min", "10"]
-    with _node(tmp_path, docker_client, review_command=argv) as node:
+    with (
+        reachable_dir() as shared,
+        _node(
+            tmp_path, docker_client, review_command=[PYTHON, str(_installed(shared)), "--min", "10"]
+        ) as node,
+    ):
         node.assign("j-safe", _counts(("north", 12), ("south", 40)))
         end = node.wait_end("j-safe")
         assert (end["state"], end["reason"]) == ("succeeded", "completed"), node.agent.log()[-4000:]

@@ -12,19 +12,12 @@ import pytest
 
 from tests.helpers.env import seconds
 from tests.helpers.jobnode import JobNode, job_node
-from tests.helpers.proc import agent_command
 
 pytestmark = pytest.mark.docker
 
 
 def _cli(node: JobNode, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*agent_command(), *args, "--config", str(node.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=seconds(60),
-        check=False,
-    )
+    return node.cli(*args)
 
 
 def test_failed_job_is_listed_and_its_stderr_shown_after_job_ack(node: JobNode) -> None:

@@ -17,7 +17,6 @@ import yaml
 from tests.helpers.env import seconds
 from tests.helpers.jobnode import JobNode, job_node
 from tests.helpers.operator import NOBODY, cli_as, operator_config, runtime_dir
-from tests.helpers.proc import agent_command
 
 pytestmark = pytest.mark.docker
 
@@ -33,13 +32,7 @@ def ops(tmp_path: Path, docker_client: docker.DockerClient) -> Iterator[JobNode]
 
 
 def _cli(node: JobNode, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*agent_command(), *args, "--config", str(node.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=seconds(60),
-        check=False,
-    )
+    return node.cli(*args)
 
 
 def _draining(node: JobNode) -> tuple[bool, bool, str]:

@@ -140,6 +140,9 @@ def test_three_rejections_fail_the_job(node: JobNode) -> None:
     end = node.wait_end("j-rej3")
     assert (end["state"], end["reason"]) == ("failed", "agent_error")
     assert len(node.cp.results_state(node.node_id, "j-rej3").rejected) == 3
+    # Results that will never leave do not stay on the node's disk for good.
+    node.wait_gone("j-rej3")
+    assert not (node.state_dir / "spool" / "j-rej3").exists()
 
 
 def test_audit_ledger_records_the_job_and_detects_tampering(node: JobNode) -> None:

@@ -106,6 +106,16 @@ class JobNode:
     def states(self, job_id: str) -> list[str]:
         return [m["state"] for m in self.messages("job.state", job_id)]
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``cloudbender-agent ARGS --config <this node's config>``, as an operator runs it."""
+        return subprocess.run(
+            [*agent_command(), *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=seconds(60),
+            check=False,
+        )
+
     def wait_state(self, job_id: str, state: str, timeout: float = 60) -> dict[str, Any]:
         """The job's ``job.state`` ``state``; fails at once if the job ended without it
         (rather than waiting ``timeout`` for a state that can no longer come)."""

@@ -11,7 +11,6 @@ import asyncio
 import os
 import select
 import socket
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from agent.airlock.sandbox_files import ReviewSandboxError
 from agent.paths import UnsafeName
 from agent.results.spool import Spool
 from tests.helpers.env import seconds
+from tests.helpers.reachable import reachable_dir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root")
 
@@ -46,15 +46,8 @@ def spooled(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """A directory the program's uid can reach (pytest's tmp_path is root-only)."""
-    # Not under /tmp: the sandbox hides the host's /tmp behind a private tmpfs.
-    path = Path(tempfile.mkdtemp(prefix="cloudbender-review-test.", dir="/var/lib"))
-    path.chmod(0o755)
-    try:
+    with reachable_dir() as path:
         yield path
-    finally:
-        for entry in path.iterdir():
-            entry.unlink()
-        path.rmdir()
 
 
 def review(

@@ -25,6 +25,7 @@ from agent.jobs.model import State, TransitionError, check_transition
 from agent.jobs.store import AuditAnchor, JobRecord, JobStore, store_path
 from agent.results.scan import ResultFile
 from agent.results.spool import Manifest, Spool
+from tests.helpers.reachable import reachable_dir
 
 JOB = "j-1"
 
@@ -49,22 +50,29 @@ def test_held_comes_between_running_and_uploading_and_may_be_skipped() -> None:
 def test_review_command_must_be_an_absolute_program_only_root_may_change(tmp_path: Path) -> None:
     """Attack: `review_command` names a script any local user can rewrite (or a bare name
     found on PATH), so whoever edits it approves every result. check-config must refuse
-    it, and a command with review off (it would never run)."""
-    program = tmp_path / "check.py"
-    program.write_text("#!/bin/sh\nexit 0\n")
-    program.chmod(0o755)
-    ok = ResultsConfig.model_validate({"review": "manual", "review_command": [str(program), "-v"]})
-    assert ok.review_command == [str(program), "-v"]
-    program.chmod(0o777)
-    for review, argv, words in (
-        ("manual", [str(program)], "writable by nobody else"),
-        ("manual", ["check.py"], "not an absolute path"),
-        ("manual", [str(tmp_path / "gone")], "No such file"),
-        ("manual", [], "non-empty strings"),
-        ("none", ["/bin/true"], "needs results.review: manual"),
-    ):
-        with pytest.raises(ValidationError, match=words):
-            ResultsConfig.model_validate({"review": review, "review_command": argv})
+    it, and a command with review off (it would never run), and one under a directory the
+    sandbox hides (it would never be found: every job left for a person)."""
+    hidden = tmp_path / "check.py"
+    hidden.write_text("#!/bin/sh\nexit 0\n")
+    with reachable_dir() as home:
+        program = home / "check.py"
+        program.write_text("#!/bin/sh\nexit 0\n")
+        program.chmod(0o755)
+        argv = [str(program), "-v"]
+        ok = ResultsConfig.model_validate({"review": "manual", "review_command": argv})
+        assert ok.review_command == argv
+        program.chmod(0o777)
+        for review, argv, words in (
+            ("manual", [str(program)], "writable by nobody else"),
+            ("manual", ["check.py"], "not an absolute path"),
+            ("manual", [str(home / "gone")], "No such file"),
+            ("manual", [], "non-empty strings"),
+            ("none", ["/bin/true"], "needs results.review: manual"),
+            ("manual", [str(hidden)], "the review sandbox hides"),
+            ("manual", ["/usr/bin/python3", "/run/x.py"], "the review sandbox hides"),
+        ):
+            with pytest.raises(ValidationError, match=words):
+                ResultsConfig.model_validate({"review": review, "review_command": argv})
     with pytest.raises(ValidationError):
         ResultsConfig.model_validate({"review_approvals": 0})
 
