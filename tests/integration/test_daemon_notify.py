@@ -7,22 +7,13 @@ import time
 from pathlib import Path
 
 from tests.helpers.env import seconds, valid_config, write_config
+from tests.helpers.notify import messages_until
 from tests.helpers.proc import running_agent
 
 
 def _receive_until(sock: socket.socket, wanted: str, timeout: float) -> list[str]:
     """Every message received until one contains the line ``wanted``."""
-    messages: list[str] = []
-    deadline = time.monotonic() + seconds(timeout)
-    while time.monotonic() < deadline:
-        try:
-            message = sock.recv(4096).decode()
-        except TimeoutError:
-            continue
-        messages.append(message)
-        if wanted in message.splitlines():
-            return messages
-    raise AssertionError(f"{wanted} never arrived; got {messages}")
+    return messages_until(sock, lambda m: wanted in m.splitlines(), timeout, wanted)
 
 
 def test_ready_watchdog_stopping(tmp_path: Path, notify_socket: socket.socket) -> None:

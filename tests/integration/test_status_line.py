@@ -8,11 +8,11 @@ without a watchdog, ``systemctl status`` said "connecting" or "disconnected".
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
 
 from agent.controlplane import ThreadedControlPlane
-from tests.helpers.env import seconds, valid_config, write_config
+from tests.helpers.env import valid_config, write_config
+from tests.helpers.notify import messages_until, statuses
 from tests.helpers.proc import running_agent
 
 TOKEN = "s3cr3t-token-for-tests-0123456789"  # what valid_config writes to the token file
@@ -20,17 +20,11 @@ TOKEN = "s3cr3t-token-for-tests-0123456789"  # what valid_config writes to the t
 
 def _statuses_until(sock: socket.socket, wanted: str, timeout: float) -> list[str]:
     """Every STATUS= value received until one contains ``wanted``."""
-    statuses: list[str] = []
-    deadline = time.monotonic() + seconds(timeout)
-    while time.monotonic() < deadline:
-        try:
-            message = sock.recv(4096).decode()
-        except TimeoutError:
-            continue
-        statuses += [line[7:] for line in message.splitlines() if line.startswith("STATUS=")]
-        if statuses and wanted in statuses[-1]:
-            return statuses
-    raise AssertionError(f"no STATUS= with {wanted!r} within {timeout} s; got {statuses}")
+
+    def done(message: str) -> bool:
+        return any(wanted in status for status in statuses([message])[-1:])
+
+    return statuses(messages_until(sock, done, timeout, f"STATUS= with {wanted!r}"))
 
 
 def test_status_follows_the_link(tmp_path: Path, notify_socket: socket.socket) -> None:
