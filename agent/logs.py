@@ -163,7 +163,10 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
             *rendering,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # One write() a line (PrintLogger writes the text and the newline apart): the
+        # stdlib handler below writes to the same stream from other threads, and a line
+        # must never be split by another's.
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
     # Libraries (docker, urllib3, websockets, asyncio) log through the stdlib: keep them

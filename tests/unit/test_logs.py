@@ -6,6 +6,8 @@ import io
 import json
 import logging
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 import structlog
@@ -164,3 +166,39 @@ def test_a_crash_is_one_json_line_too() -> None:
     event = json.loads(line)
     assert (event["event"], event["level"]) == ("crashed", "critical")
     assert "RuntimeError: boom" in event["exception"]
+
+
+def test_lines_from_threads_writing_at_once_are_never_split(tmp_path: Path) -> None:
+    """Attack (seen in CI): the health server's thread and the main loop logged at the
+    same moment, and two JSON objects landed on one line (the agent's own lines were
+    written as text, then newline, while a library's line went in between): a JSON
+    consumer dropped both."""
+    path = tmp_path / "agent.log"
+    # As the unit runs it (PYTHONUNBUFFERED): every write() goes straight to the file.
+    with io.TextIOWrapper(path.open("wb", buffering=0), write_through=True) as stream:
+        logs.configure("debug", "json", stream)
+        ours, library = structlog.get_logger("t"), logging.getLogger("websockets.client")
+
+        def agent_lines() -> None:
+            for i in range(3000):
+                ours.debug("health_request", line=f"GET /healthz {i}")
+
+        def library_lines() -> None:
+            for i in range(3000):
+                library.debug("> GET /agent/v1 %d", i)
+
+        threads = [threading.Thread(target=agent_lines), threading.Thread(target=library_lines)]
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # threads take turns between any two writes
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            sys.setswitchinterval(interval)
+            logs.configure("info", "json", io.StringIO())
+    lines = path.read_text().splitlines()
+    assert len(lines) == 6000
+    for line in lines:
+        json.loads(line)
