@@ -125,7 +125,9 @@ class JobNode:
             predicate=lambda m: m["job_id"] == job_id and m["state"] in {state, *TERMINAL},
             timeout=seconds(timeout),
         )
-        assert found["state"] == state, f"{job_id} ended without reaching {state}: {found}"
+        assert found["state"] == state, (
+            f"{job_id} ended without reaching {state}: {found}\n{self.agent.log()[-4000:]}"
+        )
         return found
 
     def wait_end(self, job_id: str, timeout: float = 60) -> dict[str, Any]:

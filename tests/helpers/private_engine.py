@@ -37,6 +37,10 @@ SHUTDOWN_TIMEOUT_S = 2
 @dataclass
 class PrivateEngine:
     root: Path
+    # containerd namespaces and the cgroup parent: containerd accepts only letters and
+    # digits joined by single [._-], which mkdtemp's random suffix does not keep to
+    # ("cbe-01d54b-_zrdc78e" failed one start in about twenty).
+    name: str
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -46,7 +50,7 @@ class PrivateEngine:
     def start(self) -> None:
         """Start dockerd (again) on the same dirs; return once it answers."""
         assert self.proc is None, "already running"
-        name = f"cbtest-{self.root.name}"
+        name = self.name
         (self.root / "daemon.json").write_text(json.dumps({}))  # not /etc/docker's
         # Its own network namespace: a dockerd with --bridge=none deletes the host's
         # docker0 at start (libnetwork's removeDefaultBridgeInterface), which would cut
@@ -136,8 +140,9 @@ class PrivateEngine:
 def private_engine(image: str) -> Iterator[PrivateEngine]:
     """A started private engine holding ``image``; stopped and its dirs removed at the
     end whatever happened. The root is short: a unix socket path must fit 108 bytes."""
-    root = Path(tempfile.mkdtemp(prefix=f"cbe-{uuid.uuid4().hex[:6]}-", dir="/tmp"))
-    engine = PrivateEngine(root)
+    tag = uuid.uuid4().hex[:12]
+    root = Path(tempfile.mkdtemp(prefix=f"cbe-{tag[:6]}-", dir="/tmp"))
+    engine = PrivateEngine(root, name=f"cbtest-{tag}")
     try:
         engine.start()
         engine.load_image(image)
