@@ -37,14 +37,18 @@ class AuditError(AgentError):
     """
 
 
+# One encoder, not json.dumps with options (which builds one per call): 10,000 result
+# files are 10,000 entries.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
 def encode(entry: Mapping[str, Any]) -> bytes:
     """The canonical line for ``entry``, newline included.
 
     Raises ``ValueError`` for values JSON cannot hold exactly (NaN, infinity) and
     ``TypeError`` for values it cannot hold at all.
     """
-    text = json.dumps(entry, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return text.encode("ascii") + b"\n"
+    return _ENCODER.encode(entry).encode("ascii") + b"\n"
 
 
 def line_hash(line: bytes) -> str:

@@ -10,16 +10,15 @@ answered from :class:`~agent.controlplane.artifacts.ArtifactStore`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, Protocol
+from typing import Any, Protocol
 
 from agent.controlplane import artifacts, jobs, validate
 from agent.controlplane.errors import ControlPlaneError
 from agent.controlplane.results import ResultStore
 from agent.controlplane.state import ArtifactRequest, Registry
 from agent.protocol import MAX_HEADER
-from agent.protocol.frames import FrameError, decode_binary
+from agent.protocol.frames import LENGTH_PREFIX, FrameError, decode_binary, loads
 
 
 class Context(Protocol):
@@ -65,15 +64,11 @@ def error(code: str, detail: str, ref: str | None = None) -> dict[str, Any]:
     return message
 
 
-def _no_constants(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
 def parse_text(text: str) -> dict[str, Any]:
     """The JSON object in a text frame. Raises :class:`BadFrame` (``bad_message``)."""
     try:
         # NaN and Infinity are Python's extensions, not JSON; a ts of NaN is no time.
-        message = json.loads(text, parse_constant=_no_constants)
+        message = loads(text)
     except (ValueError, RecursionError) as exc:
         raise BadFrame(error("bad_message", "text frame is not JSON")) from exc
     if not isinstance(message, dict):
@@ -129,6 +124,10 @@ async def dispatch(ctx: Context, data: str | bytes) -> None:
         await ctx.send(bad.reply)
         return
     type_ = message["type"]
+    if payload is not None and (header := len(data) - len(payload) - LENGTH_PREFIX) > MAX_HEADER:
+        # §2: a header of at most 4 KiB. The frame was accepted (it fits max_size): the
+        # bytes are usable, the header's size is only recorded.
+        reg.violation(ctx.node_id, f"{type_}: header of {header} bytes")
     reply = _check(type_, message, binary=payload is not None)
     reg.received(
         ctx.node_id,
@@ -193,11 +192,6 @@ async def on_result_manifest(ctx: Context, message: dict[str, Any], _p: memoryvi
 async def on_result_chunk(
     ctx: Context, message: dict[str, Any], payload: memoryview | None
 ) -> None:
-    # §5: a header of at most 4 KiB. The frame was accepted (it fits max_size): the
-    # bytes are usable, the header size is only recorded.
-    header = len(json.dumps(message, separators=(",", ":")).encode())
-    if header > MAX_HEADER:
-        ctx.registry.violation(ctx.node_id, f"result.chunk: header of about {header} bytes")
     await ctx.results.on_chunk(ctx, message, b"" if payload is None else payload)
 
 

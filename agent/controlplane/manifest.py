@@ -76,7 +76,8 @@ def path_problem(path: str) -> str | None:
     for part in path.split("/"):
         if part in ("", ".", ".."):
             return "has an empty, '.' or '..' component"
-        if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
+        # A character is at most 4 bytes of UTF-8: most parts need no encoding to tell.
+        if len(part) * 4 > MAX_COMPONENT_BYTES and len(part.encode()) > MAX_COMPONENT_BYTES:
             return f"has a component longer than {MAX_COMPONENT_BYTES} bytes"
     return None
 
@@ -97,21 +98,30 @@ def parse(message: dict[str, Any]) -> Manifest | str:
         where = f"files[{i}]"
         if not isinstance(entry, dict):
             return f"{where} is not a JSON object"
-        for name, kind in _ENTRY_FIELDS:
-            if not is_kind(entry.get(name), kind):
-                return (
-                    f"{where}.{name} is missing or not {'an int' if kind == 'int' else 'a string'}"
-                )
-        if entry["index"] != i:
+        index, path, size, sha = (
+            entry.get("index"),
+            entry.get("path"),
+            entry.get("size"),
+            entry.get("sha256"),
+        )
+        # type(...) is: a JSON true is a bool, never an int (validate.is_kind says so too).
+        if (
+            type(index) is not int
+            or type(size) is not int
+            or not isinstance(path, str)
+            or not isinstance(sha, str)
+        ):
+            return _entry_type_problem(where, entry)
+        if index != i:
             return f"{where}.index is {entry['index']}, expected {i}"
-        problem = path_problem(entry["path"])
+        problem = path_problem(path)
         if problem is not None:
             return f"{where}.path {problem}"
-        if entry["size"] < 0:
+        if size < 0:
             return f"{where}.size is negative"
-        if not _SHA256.fullmatch(entry["sha256"]):
+        if not _SHA256.fullmatch(sha):
             return f"{where}.sha256 is not 64 lowercase hex digits"
-        files.append(ResultFile(i, entry["path"], entry["size"], entry["sha256"]))
+        files.append(ResultFile(i, path, size, sha))
     problem = _conflict([f.path for f in files])
     if problem is not None:
         return problem
@@ -119,6 +129,13 @@ def parse(message: dict[str, Any]) -> Manifest | str:
     if message["total_bytes"] != total:
         return f"total_bytes {message['total_bytes']} is not the sum of the sizes, {total}"
     return Manifest(job_id, tuple(files))
+
+
+def _entry_type_problem(where: str, entry: dict[str, Any]) -> str:
+    for name, kind in _ENTRY_FIELDS:
+        if not is_kind(entry.get(name), kind):
+            return f"{where}.{name} is missing or not {'an int' if kind == 'int' else 'a string'}"
+    raise AssertionError(f"{where}: every field has its kind")
 
 
 def _conflict(paths: list[str]) -> str | None:

@@ -73,6 +73,7 @@ class ResultStore:
         self.ack_every = ack_every
         self._uploads: dict[tuple[str, str], Upload] = {}
         self._faults: dict[str | None, ResultFault] = {}
+        self._no_fault = ResultFault()  # never armed, so never changed: one for all chunks
         self._worker = ResultWorker()
         self._submit = self._worker.run
 
@@ -83,7 +84,7 @@ class ResultStore:
         return self._uploads[key]
 
     def _fault(self, job_id: str) -> ResultFault:
-        return self._faults.get(job_id) or self._faults.get(None) or ResultFault()
+        return self._faults.get(job_id) or self._faults.get(None) or self._no_fault
 
     def state(self, node_id: str, job_id: str) -> ResultsState:
         upload = self._uploads.get((node_id, job_id))

@@ -118,9 +118,9 @@ class Spec:
 
 def problem(message: Mapping[str, Any], spec: Spec) -> str | None:
     """The first presence/type problem of ``message``, or ``None`` when there is none."""
-    for name in sorted(spec.required):
-        if name not in message:
-            return f"missing field {name!r}"
+    if not spec.required <= message.keys():
+        missing = sorted(spec.required - message.keys())
+        return f"missing field {missing[0]!r}"
     for name, kind in spec.fields.items():
         if name in message and not is_kind(message[name], kind):
             return f"field {name!r} must be {_describe(kind)}"

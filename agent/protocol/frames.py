@@ -17,6 +17,10 @@ from typing import Any
 from agent.protocol import MAX_HEADER
 
 _LENGTH = struct.Struct(">I")
+LENGTH_PREFIX = _LENGTH.size  # bytes before the header
+# One encoder and one decoder, not json.dumps/json.loads with options: each of those
+# builds a new one per call, which per small-file frame cost more than the JSON itself.
+_HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 class FrameError(ValueError):
@@ -36,7 +40,7 @@ class BinaryFrame:
 def _encode_header(header: dict[str, Any]) -> bytes:
     if not isinstance(header.get("type"), str):
         raise FrameError("header needs a string field 'type'")
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw = _HEADER_ENCODER.encode(header).encode()
     if len(raw) > MAX_HEADER:
         raise FrameError(f"header is {len(raw)} bytes, more than {MAX_HEADER}")
     return raw
@@ -91,10 +95,17 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def loads(text: str | bytes) -> Any:
     """Strict JSON: :func:`json.loads`, except that ``NaN``, ``Infinity`` and ``-Infinity``
     (which Python accepts and RFC 8259 §6 does not) raise ``ValueError``."""
-    return json.loads(text, parse_constant=_refuse_constant)
+    if isinstance(text, bytes | bytearray):
+        text = text.decode(json.detect_encoding(text), "surrogatepass")
+    elif text.startswith("\ufeff"):
+        raise ValueError("JSON text starts with a byte order mark")  # as json.loads says
+    return _DECODER.decode(text)
 
 
 def decode_binary(data: bytes) -> BinaryFrame:

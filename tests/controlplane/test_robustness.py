@@ -271,3 +271,22 @@ def test_frame_sizes() -> None:
             assert (gone.code, gone.by) == (1009, "cp")
 
     run(main())
+
+
+def test_chunk_header_over_4_kib() -> None:
+    """§2 caps a binary frame's header at 4 KiB; a longer one that still fits the frame
+    is used, and its exact size recorded as a violation."""
+
+    async def main() -> None:
+        async with cp_with() as cp, session(cp) as (ws, _):
+            manifest = {"type": "result.manifest", "job_id": "j-1", "total_bytes": 1}
+            manifest["files"] = [{"index": 0, "path": "a", "size": 1, "sha256": "0" * 64}]
+            await send_json(ws, manifest)
+            assert (await recv_json(ws))["type"] == "result.resume"
+            header = {"type": "result.chunk", "job_id": "j-1", "file": 0, "offset": 0}
+            raw = json.dumps(header | {"pad": "x" * MAX_HEADER}).encode()
+            await ws.send(struct.pack(">I", len(raw)) + raw + b"a")
+            assert (await recv_json(ws))["type"] == "result.ack"  # stored, durable
+            assert cp.nodes()[NODE].violations == [f"result.chunk: header of {len(raw)} bytes"]
+
+    run(main())
