@@ -79,7 +79,7 @@ class Upload:
         self.node_id, self.job_id, self.files = node_id, job_id, files
         self.manifest: Manifest | None = None
         self.ctx: ResultContext | None = None  # the session of the latest manifest
-        self.final: dict[str, Path] | None = None
+        self.final: Path | None = None  # where the accepted files are
         self.written: list[int] = []
         self.durable: list[int] = []
         self.digests: list[hashlib._Hash] = []
@@ -129,6 +129,11 @@ class Upload:
                 return entry.index, "checksum_mismatch"
         return None
 
+    def _placed(self) -> dict[str, Path]:
+        if self.final is None or self.manifest is None:
+            return {}
+        return {entry.path: self.final / entry.path for entry in self.manifest.files}
+
     def snapshot(self) -> ResultsState:
         return ResultsState(
             self.node_id,
@@ -145,5 +150,5 @@ class Upload:
             tuple(self.rejected),
             self.drops,
             tuple(self.durable),
-            dict(self.final or {}),
+            self._placed(),
         )
