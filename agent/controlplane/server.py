@@ -35,6 +35,7 @@ from agent.controlplane.mtls import (
 from agent.controlplane.results import ResultStore
 from agent.controlplane.session import AgentSession, read_hello
 from agent.controlplane.state import Registry
+from agent.heap import keep_freed_blocks
 from agent.protocol import (
     MAX_CHUNK_PAYLOAD,
     MAX_HEADER,
@@ -141,6 +142,11 @@ class ControlPlane(ControlPlaneAPI):
         """Listen. Idempotent. Raises ``OSError`` when the port cannot be bound."""
         if self._server is not None:
             return
+        # Each received MiB passes through a few short-lived blocks (asyncio's 256 KiB
+        # reads, websockets' frame buffer and unmasked copy): keep them for reuse rather
+        # than faulting fresh pages in for each (agent/heap.py).
+        if __import__("os").environ.get("CBHEAP"):
+            keep_freed_blocks()
         self._server = await serve(
             self._handle,
             self.host,

@@ -28,6 +28,7 @@ import structlog
 
 from agent.errors import AgentError
 from agent.faults import crash_point
+from agent.heap import keep_freed_blocks
 from agent.link import Uplink
 from agent.protocol import MAX_CHUNK_PAYLOAD
 from agent.protocol import messages as m
@@ -42,7 +43,6 @@ from agent.protocol.results import (
     SendMessage,
     TooManyRejections,
 )
-from agent.results.heap import keep_freed_blocks
 from agent.results.spool import Manifest, Spool
 
 log = structlog.get_logger(__name__)
