@@ -67,13 +67,21 @@ class ControlPlaneAPI:
         that the CP answered with an error never match. Raises ``ConditionTimeout``.
         """
 
+        scanned = after_index  # the log only grows: each check reads only what is new
+
         def found() -> dict[str, Any] | None:
+            nonlocal scanned
             node = self.registry.get(node_id)
-            for entry in node.messages[after_index:] if node is not None else []:
+            if node is None:
+                return None
+            messages = node.messages
+            for position in range(scanned, len(messages)):
+                entry = messages[position]
                 if entry.type != type_ or entry.problem is not None:
                     continue
                 if predicate is None or predicate(entry.data):
                     return copy.deepcopy(entry.data)
+            scanned = max(scanned, len(messages))
             return None
 
         def describe() -> str:
