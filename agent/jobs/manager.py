@@ -254,6 +254,7 @@ class JobManager:
             log.warning("container_reaped", job_id=container.job_id, container=container.id[:12])
             await self._remove(container)
         await self._remove_stray_outputs()
+        log.info("jobs_recovered", running=len(self._runners))
 
     async def _remove_stray_outputs(self) -> None:
         """Remove the output of every job that has no runner: ended jobs whose clean-up

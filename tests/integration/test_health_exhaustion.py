@@ -38,6 +38,7 @@ from agent.runtime.docker import DockerRuntime
 from agent.systemd import Notifier
 from tests.helpers.env import seconds, valid_config, write_config
 from tests.helpers.proc import running_agent
+from tests.helpers.waiting import wait_until
 
 ATTACK_CONNECTIONS = 1100
 # The agent's descriptor limit during the attack: low, so that the old server (one
@@ -186,6 +187,7 @@ def test_a_real_agent_survives_1100_idle_connections(tmp_path: Path) -> None:
     path = write_config(tmp_path, config)
     with running_agent(path, port, tmp_path) as agent:
         pid = agent.proc.pid
+        wait_until(lambda: "jobs_recovered" in agent.log(), "job recovery", seconds(15))
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (AGENT_NOFILE, AGENT_NOFILE))
         with ExitStack() as attack:
             for _ in range(ATTACK_CONNECTIONS):
@@ -231,6 +233,9 @@ def test_an_agent_out_of_descriptors_neither_spins_nor_exits(tmp_path: Path) -> 
     path = write_config(tmp_path, config)
     with running_agent(path, port, tmp_path) as agent:
         pid = agent.proc.pid
+        # Startup done (its job recovery opens directories too), so that only the
+        # health server meets the lack of descriptors.
+        wait_until(lambda: "jobs_recovered" in agent.log(), "job recovery", seconds(15))
         full = len(os.listdir(f"/proc/{pid}/fd"))
         soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (full, hard))  # only the soft one
