@@ -6,14 +6,11 @@ connection (hello, welcome, heartbeats, error answers), hands application messag
 :class:`SessionHandler`, and reconnects with full-jitter backoff. How each failure is
 retried is decided by :func:`agent.protocol.retry.classify`, nowhere else.
 
-The token is read from its file at every dial (so a rotated token is picked up without a
-restart), registered with the log scrubber, and sent only in the upgrade request. The
-TLS context is built at every dial too. Neither the token nor the text of a handshake
-exception (which may quote request headers) ever reaches ``/status``.
-
-The dial: no redirects are followed (a 3xx is a failed dial); no proxy for ``ws://`` or
-a loopback host (a proxy would see the token, or could not reach our loopback), the
-system's proxy settings otherwise.
+At every dial the token is read from its file (a rotated one needs no restart) and
+registered with the log scrubber, and the TLS context is built; the token is sent only
+in the upgrade request. Neither it nor a handshake exception's text (which may quote
+request headers) ever reaches ``/status``. No redirect is followed (a 3xx is a failed
+dial); no proxy for ``ws://`` or a loopback host, the system's proxy settings otherwise.
 
 Close codes the agent sends: 1000 after ``unsupported_protocol``; 1001 when the agent
 stops; 1002 for a missing subprotocol, no ``welcome`` or an invalid one; 1011 when the
@@ -47,9 +44,7 @@ from agent.config import ControlPlaneConfig, is_loopback_host
 from agent.health.facts import ControlPlaneFacts
 from agent.link import SessionHandler
 from agent.link_report import LinkReport
-from agent.protocol import MAX_INCOMING_FRAME, SUBPROTOCOL
-from agent.protocol import messages as m
-from agent.protocol import session as s
+from agent.protocol import MAX_INCOMING_FRAME, SUBPROTOCOL, messages
 from agent.protocol.retry import (
     Backoff,
     Cause,
@@ -57,6 +52,20 @@ from agent.protocol.retry import (
     classify,
     dial_failure_words,
     ended_by_close,
+)
+from agent.protocol.session import (
+    Answered,
+    Event,
+    Fatal,
+    Ignored,
+    InvalidAssignment,
+    PeerError,
+    Received,
+    Session,
+    SessionError,
+    SessionState,
+    Stats,
+    Welcomed,
 )
 from agent.tls import TlsSettingError, client_context
 from agent.tls_failure import client_cert_refused, closed_before_answer, server_cert_refused
@@ -103,7 +112,7 @@ class Connection:
         telemetry: Callable[[list[dict[str, str]]], dict[str, Any]],
         handler: SessionHandler,
         publish: Callable[[ControlPlaneFacts], None],
-        stats: s.Stats,
+        stats: Stats,
         user_agent: str,
         backoff: Backoff | None = None,
     ) -> None:
@@ -116,7 +125,7 @@ class Connection:
         self._user_agent = user_agent
         self._backoff = backoff or Backoff(config.reconnect.initial_s, config.reconnect.max_s)
         self._ws: ClientConnection | None = None
-        self._session: s.Session | None = None
+        self._session: Session | None = None
         self._send_lock = asyncio.Lock()
         self._welcomed_at: float | None = None
         self._heartbeat_failure: Exception | None = None
@@ -183,7 +192,7 @@ class Connection:
         if ws.subprotocol != SUBPROTOCOL:
             await ws.close(1002, "subprotocol cloudbender-agent.v1 required")
             raise Ended(Cause.NO_SUBPROTOCOL)
-        session = s.Session(self._hello(self._handler.hello_jobs()), self._stats)
+        session = Session(self._hello(self._handler.hello_jobs()), self._stats)
         self._ws, self._session, self._heartbeat_failure = ws, session, None
         heartbeats: asyncio.Task[None] | None = None
         try:
@@ -206,11 +215,11 @@ class Connection:
             self._ws, self._session = None, None
             self._handler.on_closed()
 
-    async def _await_welcome(self, ws: ClientConnection, session: s.Session) -> None:
+    async def _await_welcome(self, ws: ClientConnection, session: Session) -> None:
         deadline = asyncio.timeout(WELCOME_TIMEOUT_S)
         try:
             async with deadline:
-                while session.state is not s.SessionState.ESTABLISHED:
+                while session.state is not SessionState.ESTABLISHED:
                     await self._receive_one(ws, session)
         except TimeoutError as exc:
             if not deadline.expired():
@@ -218,7 +227,7 @@ class Connection:
             await ws.close(1002, "no welcome")
             raise Ended(Cause.NO_WELCOME) from exc
 
-    async def _receive_one(self, ws: ClientConnection, session: s.Session) -> None:
+    async def _receive_one(self, ws: ClientConnection, session: Session) -> None:
         frame = await ws.recv()
         if isinstance(frame, str):
             events = session.receive_text(frame)
@@ -228,30 +237,29 @@ class Connection:
         for event in events:
             await self._dispatch(ws, event)
 
-    async def _dispatch(self, ws: ClientConnection, event: s.Event) -> None:
-        if isinstance(event, s.Welcomed):
+    async def _dispatch(self, ws: ClientConnection, event: Event) -> None:
+        if isinstance(event, Welcomed):
             self._welcomed_at = time.monotonic()
             self._report.connected(event)
-        elif isinstance(event, s.Received):
+        elif isinstance(event, Received):
             await self._handler.on_message(self, event.message)
-        elif isinstance(event, s.InvalidAssignment):
+        elif isinstance(event, InvalidAssignment):
             await self._handler.on_invalid_assignment(self, event.job_id, event.detail)
-        elif isinstance(event, s.PeerError):
+        elif isinstance(event, PeerError):
             self._report.peer_event(event)
             await self._handler.on_peer_error(self, event)
-        elif isinstance(event, (s.Answered, s.Ignored)):
+        elif isinstance(event, (Answered, Ignored)):
             self._report.peer_event(event)
-        elif isinstance(event, s.Fatal):
-            detail = None if event.detail is None else m.printable(event.detail, 100)
-            if detail is not None:  # a close reason is at most 123 bytes of UTF-8
-                detail = detail.encode("ascii", "replace").decode()
+        elif isinstance(event, Fatal):
+            text = None if event.detail is None else messages.printable(event.detail, 100)
+            detail = None if text is None else text.encode("ascii", "replace").decode()  # ≤ 123 B
             if event.code == "invalid_welcome":
                 await ws.close(1002, f"invalid welcome: {detail}")
                 raise Ended(Cause.INVALID_WELCOME, detail=detail)
             await ws.close(1000, event.code)
             raise Ended(Cause.UNSUPPORTED_PROTOCOL, detail=detail)
 
-    async def _heartbeats(self, ws: ClientConnection, session: s.Session, every_s: float) -> None:
+    async def _heartbeats(self, ws: ClientConnection, session: Session, every_s: float) -> None:
         """Heartbeats from the ``welcome`` on; ends the session if one cannot be sent.
 
         A failure closes the socket with 1011, as websockets' keepalive does on a missing
@@ -280,7 +288,7 @@ class Connection:
     async def send(self, message: dict[str, Any]) -> None:
         """Send an application message. Raises :class:`SessionError` when not established."""
         if self._session is None:
-            raise s.SessionError(f"cannot send {message.get('type')}: not connected")
+            raise SessionError(f"cannot send {message.get('type')}: not connected")
         self._session.send(message)
         await self._flush()
 
@@ -288,7 +296,7 @@ class Connection:
         """Send a built binary frame; returns once websockets has masked it into its own
         copy, so the caller may then reuse ``frame``'s buffer."""
         if self._session is None:
-            raise s.SessionError(f"cannot send {type_}: not connected")
+            raise SessionError(f"cannot send {type_}: not connected")
         self._session.send_frame(type_, frame)
         await self._flush()
 

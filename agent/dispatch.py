@@ -16,7 +16,7 @@ import structlog
 
 from agent.link import Link, Uplink
 from agent.models.fetch import ArtifactFetcher
-from agent.protocol import messages as m
+from agent.protocol import messages
 from agent.protocol.session import PeerError
 
 log = structlog.get_logger(__name__)
@@ -29,7 +29,9 @@ class Jobs(Protocol):
 
     async def session_started(self) -> None: ...
 
-    async def on_job_message(self, message: m.JobAssign | m.JobCancel | m.JobAck) -> None: ...
+    async def on_job_message(
+        self, message: messages.JobAssign | messages.JobCancel | messages.JobAck
+    ) -> None: ...
 
     async def reject_invalid(self, job_id: str, detail: str) -> None: ...
 
@@ -37,7 +39,7 @@ class Jobs(Protocol):
 class Results(Protocol):
     """What the dispatcher needs of :class:`agent.results.uploader.Uploader`."""
 
-    def route(self, message: m.Incoming) -> bool: ...
+    def route(self, message: messages.Incoming) -> bool: ...
 
 
 class Dispatcher:
@@ -60,18 +62,18 @@ class Dispatcher:
     def on_closed(self) -> None:
         self._uplink.detach()
 
-    async def on_message(self, link: Link, message: m.Incoming) -> None:
-        if isinstance(message, m.JobAssign | m.JobCancel | m.JobAck):
+    async def on_message(self, link: Link, message: messages.Incoming) -> None:
+        if isinstance(message, messages.JobAssign | messages.JobCancel | messages.JobAck):
             await self._jobs.on_job_message(message)
-        elif isinstance(message, m.ArtifactChunk):
+        elif isinstance(message, messages.ArtifactChunk):
             self._artifacts.on_chunk(message)
-        elif isinstance(message, m.ArtifactEnd):
+        elif isinstance(message, messages.ArtifactEnd):
             self._artifacts.on_end(message)
         elif not self._results.route(message):
             # A result.* message for a job that is not uploading (ended, or unknown).
             job_id = getattr(message, "job_id", None)
             if job_id is not None:
-                await self._uplink.send(m.error("unknown_job", job_id, ref=message.type))
+                await self._uplink.send(messages.error("unknown_job", job_id, ref=message.type))
             else:
                 log.info("message_dropped", type=type(message).__name__)
 

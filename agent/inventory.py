@@ -14,8 +14,7 @@ from agent import __version__
 from agent.config import Config
 from agent.gpu.base import GpuInventory
 from agent.health.facts import NodeFacts
-from agent.protocol import PROTOCOL_VERSION
-from agent.protocol import messages as m
+from agent.protocol import PROTOCOL_VERSION, messages
 
 
 def _gpus_for_hello(inventory: GpuInventory | None) -> list[dict[str, Any]]:
@@ -44,7 +43,7 @@ def hello(
 ) -> dict[str, Any]:
     """The ``hello`` for a new session. ``jobs``: unacknowledged jobs and their states."""
     host = facts.host
-    return m.hello(
+    return messages.hello(
         protocol=PROTOCOL_VERSION,
         node_id=config.node.id,
         agent_version=__version__,

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from agent.protocol import messages as m
+from agent.protocol import messages
 from agent.protocol.session import PeerError
 
 log = structlog.get_logger(__name__)
@@ -50,7 +50,7 @@ class SessionHandler(Protocol):
 
     async def on_established(self, link: Link) -> None: ...
 
-    async def on_message(self, link: Link, message: m.Incoming) -> None: ...
+    async def on_message(self, link: Link, message: messages.Incoming) -> None: ...
 
     async def on_invalid_assignment(self, link: Link, job_id: str, detail: str) -> None: ...
 

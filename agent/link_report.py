@@ -24,9 +24,9 @@ import structlog
 
 from agent import logs
 from agent.health.facts import ControlPlaneFacts
-from agent.protocol import messages as m
-from agent.protocol import session as s
+from agent.protocol import messages
 from agent.protocol.retry import Decision
+from agent.protocol.session import Answered, Event, Ignored, PeerError, Welcomed
 
 log = structlog.get_logger("agent.connection")
 
@@ -45,7 +45,7 @@ class LinkReport:
     def connecting(self) -> None:
         self._update(state="connecting", attempts=self.facts.attempts + 1, next_attempt_at=None)
 
-    def connected(self, welcome: s.Welcomed) -> None:
+    def connected(self, welcome: Welcomed) -> None:
         log.info(
             "control_plane_connected", session=welcome.session, heartbeat_s=welcome.heartbeat_s
         )
@@ -94,22 +94,24 @@ class LinkReport:
             last_contact=now if up_until_now else self.facts.last_contact,
         )
 
-    def peer_event(self, event: s.Event) -> None:
+    def peer_event(self, event: Event) -> None:
         """Log an error received, a frame answered or a frame dropped (throttled)."""
-        if isinstance(event, s.PeerError):
+        if isinstance(event, PeerError):
             self._throttled(
                 "warning",
                 "control_plane_error",
-                code=m.printable(event.code),
-                detail=None if event.detail is None else m.printable(event.detail),
-                ref=None if event.ref is None else m.printable(event.ref),
+                code=messages.printable(event.code),
+                detail=None if event.detail is None else messages.printable(event.detail),
+                ref=None if event.ref is None else messages.printable(event.ref),
             )
-        elif isinstance(event, s.Answered):
+        elif isinstance(event, Answered):
             self._throttled(
                 "warning", "control_plane_bad_frame", answered=event.code, detail=event.detail
             )
-        elif isinstance(event, s.Ignored):
-            self._throttled("info", "control_plane_frame_ignored", why=m.printable(event.why))
+        elif isinstance(event, Ignored):
+            self._throttled(
+                "info", "control_plane_frame_ignored", why=messages.printable(event.why)
+            )
 
     def _throttled(self, level: str, event: str, **fields: Any) -> None:
         dropped = self._throttle.admit(event)

@@ -36,7 +36,7 @@ from agent.jobs.store import JobRecord, JobStore
 from agent.jobs.tally import JobTally
 from agent.link import Uplink
 from agent.loops import until_done
-from agent.protocol import messages as m
+from agent.protocol import messages
 from agent.runtime.base import ContainerState
 
 log = structlog.get_logger(__name__)
@@ -89,28 +89,30 @@ class JobManager:
         for record in list(self._records.values()):
             await self._send_state(record)
 
-    async def on_job_message(self, message: m.JobAssign | m.JobCancel | m.JobAck) -> None:
-        if isinstance(message, m.JobAssign):
+    async def on_job_message(
+        self, message: messages.JobAssign | messages.JobCancel | messages.JobAck
+    ) -> None:
+        if isinstance(message, messages.JobAssign):
             await self._assign(message)
-        elif isinstance(message, m.JobCancel):
+        elif isinstance(message, messages.JobCancel):
             await self._cancel(message.job_id)
         else:
             await self._ack(message.job_id)
 
     async def reject_invalid(self, job_id: str, detail: str) -> None:
         """An assignment the session could not validate: ``bad_spec`` with the reason."""
-        await self.uplink.send(m.job_rejected(job_id, "bad_spec", detail))
+        await self.uplink.send(messages.job_rejected(job_id, "bad_spec", detail))
 
     # -- assign / cancel / ack ----------------------------------------------------------
 
-    async def _assign(self, assign: m.JobAssign) -> None:
+    async def _assign(self, assign: messages.JobAssign) -> None:
         job_id = assign.job_id
         known = self._records.get(job_id) or self._store.get(job_id)
         if known is not None:
             if known.state.terminal:
                 await self._reject(job_id, "duplicate_job", f"job {job_id} has already ended")
             else:  # a repeat: the job exists, nothing more to start
-                await self.uplink.send(m.job_accepted(job_id))
+                await self.uplink.send(messages.job_accepted(job_id))
             return
         if self.draining:  # after the repeat check: an accepted job's repeat stays accepted
             await self._reject(job_id, "draining", "the node's operator stopped new work")
@@ -158,13 +160,13 @@ class JobManager:
                 assign.datastore,
             )
         log.info("job_accepted", job_id=job_id, image=assign.image.ref, datastore=assign.datastore)
-        await self.uplink.send(m.job_accepted(job_id))
+        await self.uplink.send(messages.job_accepted(job_id))
         await self._send_state(record)
         self._start(decision)
 
     async def _reject(self, job_id: str, code: str, detail: str) -> None:
         log.info("job_rejected", job_id=job_id, code=code, detail=detail)
-        await self.uplink.send(m.job_rejected(job_id, code, detail))
+        await self.uplink.send(messages.job_rejected(job_id, code, detail))
 
     def _start(self, job: Admitted, resume: Resume | None = None) -> None:
         runner = JobRunner(self._ctx, job, lambda s, r, e: self._transition(job.job_id, s, r, e))
@@ -180,7 +182,7 @@ class JobManager:
     async def _cancel(self, job_id: str) -> None:
         record = self._records.get(job_id) or self._store.get(job_id)
         if record is None:
-            await self.uplink.send(m.error("unknown_job", job_id, ref="job.cancel"))
+            await self.uplink.send(messages.error("unknown_job", job_id, ref="job.cancel"))
             return
         runner = self._runners.get(job_id)
         if record.state.terminal or runner is None:
@@ -196,7 +198,7 @@ class JobManager:
     async def _ack(self, job_id: str) -> None:
         record = self._records.get(job_id) or self._store.get(job_id)
         if record is None:
-            await self.uplink.send(m.error("unknown_job", job_id, ref="job.ack"))
+            await self.uplink.send(messages.error("unknown_job", job_id, ref="job.ack"))
             return
         if not record.state.terminal:
             log.warning("job_ack_before_end", job_id=job_id, state=record.state.value)
@@ -261,15 +263,15 @@ class JobManager:
         a restart interrupted, and jobs the store no longer knows."""
         outputs = self._ctx.outputs
         for job_id in await asyncio.to_thread(outputs.leftovers, set(self._runners)):
-            log.warning("output_reaped", job_id=m.printable(job_id))
+            log.warning("output_reaped", job_id=messages.printable(job_id))
             try:
                 await asyncio.to_thread(outputs.remove, job_id)
             except AgentError as exc:
-                log.error("output_remove_failed", job_id=m.printable(job_id), error=str(exc))
+                log.error("output_remove_failed", job_id=messages.printable(job_id), error=str(exc))
 
     def _readmit(self, record: JobRecord) -> Admitted | None:
         try:
-            assign = m.JobAssign.model_validate({**record.assignment, "type": "job.assign"})
+            assign = messages.JobAssign.model_validate({**record.assignment, "type": "job.assign"})
         except ValueError as exc:
             log.error("job_unrecoverable", job_id=record.job_id, error=str(exc))
             return None
@@ -332,7 +334,7 @@ class JobManager:
 
     async def _send_state(self, record: JobRecord) -> None:
         await self.uplink.send(
-            m.job_state(
+            messages.job_state(
                 record.job_id,
                 record.state.value,
                 record.updated_at,

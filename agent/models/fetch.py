@@ -34,7 +34,7 @@ from agent.errors import ModelStorageError, ModelUnavailable
 from agent.fsutil import discard_tree
 from agent.link import Uplink
 from agent.models.download import Download
-from agent.protocol import messages as m
+from agent.protocol import messages
 from agent.protocol.messages import ArtifactChunk, ArtifactEnd
 from agent.protocol.session import PeerError
 
@@ -184,7 +184,7 @@ class ArtifactFetcher:
                     return d.part
                 generation = self._uplink.generation
                 if self._uplink.connected and flight.asked != generation:
-                    get = m.artifact_get(d.artifact, d.held)
+                    get = messages.artifact_get(d.artifact, d.held)
                     if await self._uplink.send(get):
                         flight.asked = generation
                         log.info("artifact_requested", artifact=d.artifact, offset=d.held)

@@ -21,13 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.protocol import MAX_CHUNK_PAYLOAD
-from agent.protocol import messages as m
+from agent.protocol import MAX_CHUNK_PAYLOAD, messages
 
 WINDOW = 16 * 1024 * 1024  # payload bytes sent but not acknowledged (§5 step 4)
 MAX_REJECTIONS = 3
 
-ResultMessage = m.ResultResume | m.ResultAck | m.ResultAccepted | m.ResultRejected
+ResultMessage = (
+    messages.ResultResume | messages.ResultAck | messages.ResultAccepted | messages.ResultRejected
+)
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ class ResultSender:
             if self._cursor[0] < self._last_file:
                 return AwaitMessage()  # the window is full
             self._phase = "verdict"
-            return SendMessage(m.result_end(self.job_id))
+            return SendMessage(messages.result_end(self.job_id))
         if self._phase == "done":
             return Done(already=self._already)
         if self._phase == "failed":
@@ -183,14 +184,14 @@ class ResultSender:
 
     def receive(self, message: ResultMessage) -> None:
         """Feed one ``result.*`` message of this job from the current session."""
-        if isinstance(message, m.ResultAck):
+        if isinstance(message, messages.ResultAck):
             self._ack(message.file, message.offset)
-        elif self._phase == "resume" and isinstance(message, m.ResultResume):
+        elif self._phase == "resume" and isinstance(message, messages.ResultResume):
             self._resume(list(message.offsets))
-        elif self._phase in ("resume", "verdict") and isinstance(message, m.ResultAccepted):
+        elif self._phase in ("resume", "verdict") and isinstance(message, messages.ResultAccepted):
             self._already = self._phase == "resume"
             self._phase = "done"
-        elif self._phase == "verdict" and isinstance(message, m.ResultRejected):
+        elif self._phase == "verdict" and isinstance(message, messages.ResultRejected):
             self._rejected(message.file, message.code)
         else:
             self.events.append(("result_message_ignored", {"type": message.type}))
@@ -272,4 +273,4 @@ class ResultSender:
             self._last_file = file + 1
             self._phase = "streaming"
         else:
-            self._queue.append(SendMessage(m.result_end(self.job_id)))
+            self._queue.append(SendMessage(messages.result_end(self.job_id)))

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from agent.protocol import messages as m
+from agent.protocol import messages
 
 MIN_HEARTBEAT_S = 1.0
 MAX_HEARTBEAT_S = 3600.0
@@ -56,7 +56,7 @@ class Welcomed:
 class Received:
     """A valid message for the job, result or artifact layers."""
 
-    message: m.Incoming
+    message: messages.Incoming
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ class Session:
         """
         if self.state is not SessionState.ESTABLISHED:
             return False
-        self._queue(m.heartbeat(self._seq + 1, now, telemetry))
+        self._queue(messages.heartbeat(self._seq + 1, now, telemetry))
         self._seq += 1  # only once queued: a heartbeat that cannot be encoded takes no seq
         return True
 
@@ -178,7 +178,7 @@ class Session:
         self.state = SessionState.CLOSED
 
     def _queue(self, message: dict[str, Any]) -> None:
-        frame = m.encode_text(message)  # raises (NaN, a non-JSON value) before counting
+        frame = messages.encode_text(message)  # raises (NaN, a non-JSON value) before counting
         self.stats.sent[str(message["type"])] += 1
         self._out.append(frame)
 
@@ -186,27 +186,27 @@ class Session:
 
     def receive_text(self, text: str) -> list[Event]:
         """Handle one text frame. Never raises for anything the peer sends."""
-        return self._handle(m.parse_text(text))
+        return self._handle(messages.parse_text(text))
 
     def receive_binary(self, data: bytes) -> list[Event]:
         """Handle one binary frame. Never raises for anything the peer sends."""
-        return self._handle(m.parse_binary(data))
+        return self._handle(messages.parse_binary(data))
 
-    def _handle(self, parsed: m.Incoming | m.Invalid) -> list[Event]:
+    def _handle(self, parsed: messages.Incoming | messages.Invalid) -> list[Event]:
         if self.state in (SessionState.IDLE, SessionState.CLOSED):
             return [Ignored(f"frame received while {self.state.value}")]
-        if isinstance(parsed, m.Invalid):
+        if isinstance(parsed, messages.Invalid):
             return [self._invalid(parsed)]
-        kind = parsed.header.type if isinstance(parsed, m.ArtifactChunk) else parsed.type
+        kind = parsed.header.type if isinstance(parsed, messages.ArtifactChunk) else parsed.type
         self.stats.received[kind] += 1
-        if isinstance(parsed, m.ErrorMessage):
-            detail = None if parsed.detail is None else m.clip(parsed.detail)
+        if isinstance(parsed, messages.ErrorMessage):
+            detail = None if parsed.detail is None else messages.clip(parsed.detail)
             if parsed.code == "unsupported_protocol":
                 self.state = SessionState.CLOSED
                 return [Fatal(parsed.code, detail)]
-            ref = None if parsed.ref is None else m.clip(parsed.ref)
-            return [PeerError(m.clip(parsed.code), detail, ref)]
-        if isinstance(parsed, m.Welcome):
+            ref = None if parsed.ref is None else messages.clip(parsed.ref)
+            return [PeerError(messages.clip(parsed.code), detail, ref)]
+        if isinstance(parsed, messages.Welcome):
             if self.state is SessionState.ESTABLISHED:
                 return [Ignored("second welcome in one session")]
             self.state = SessionState.ESTABLISHED
@@ -217,7 +217,7 @@ class Session:
             return [Ignored(f"{kind} before welcome")]
         return [Received(parsed)]
 
-    def _invalid(self, invalid: m.Invalid) -> Event:
+    def _invalid(self, invalid: messages.Invalid) -> Event:
         self.stats.received["(invalid)"] += 1
         if invalid.ref == "welcome" and self.state is SessionState.AWAITING_WELCOME:
             self.state = SessionState.CLOSED
@@ -228,5 +228,5 @@ class Session:
             return Ignored(f"invalid frame before welcome: {invalid.detail}")
         if invalid.job_id is not None:
             return InvalidAssignment(invalid.job_id, invalid.detail)
-        self._queue(m.error(invalid.code, invalid.detail, invalid.ref))
+        self._queue(messages.error(invalid.code, invalid.detail, invalid.ref))
         return Answered(invalid.code, invalid.detail)

@@ -22,7 +22,7 @@ from typing import Any
 from agent.faults import crash_point
 from agent.fsutil import discard_tree, remove_tree
 from agent.paths import child
-from agent.protocol import messages as m
+from agent.protocol import messages
 from agent.results.scan import ResultFile, check_output, copy_into_spool
 
 
@@ -46,7 +46,9 @@ class Manifest:
 
     def to_message(self) -> dict[str, Any]:
         """The ``result.manifest`` message of §5."""
-        return m.result_manifest(self.job_id, [f.to_dict() for f in self.files], self.total_bytes)
+        return messages.result_manifest(
+            self.job_id, [f.to_dict() for f in self.files], self.total_bytes
+        )
 
 
 class Spool:

@@ -30,8 +30,7 @@ from agent.errors import AgentError
 from agent.faults import crash_point
 from agent.heap import keep_freed_blocks
 from agent.link import Uplink
-from agent.protocol import MAX_CHUNK_PAYLOAD
-from agent.protocol import messages as m
+from agent.protocol import MAX_CHUNK_PAYLOAD, messages
 from agent.protocol.frames import FrameBuffer
 from agent.protocol.results import (
     AwaitMessage,
@@ -97,7 +96,7 @@ class Uploader:
         self._frames = FrameBuffer(MAX_CHUNK_PAYLOAD)
         keep_freed_blocks()  # the mask's copy is still fresh per chunk: see heap.py
 
-    def route(self, message: m.Incoming) -> bool:
+    def route(self, message: messages.Incoming) -> bool:
         """Hand a ``result.*`` message to its job's upload. False: no upload wants it."""
         if not isinstance(message, ResultMessage):
             return False
@@ -168,7 +167,7 @@ class Uploader:
                     sender.events.clear()
                 if isinstance(action, SendChunk):
                     files.read(action, self._frames.payload(action.size))
-                    header = m.result_chunk_header(job_id, action.file, action.offset)
+                    header = messages.result_chunk_header(job_id, action.file, action.offset)
                     frame = self._frames.frame(header, action.size)
                     if not await self._uplink.send_frame(header["type"], frame, action.size):
                         raise _SessionLost

@@ -25,7 +25,7 @@ from agent.gpu.nvml import NvmlBackend
 from agent.jobs.model import TERMINAL
 from agent.jobs.outputfs import OutputVolumes
 from agent.jobs.setup import JobSystem, build_jobs
-from agent.protocol import messages as m
+from agent.protocol import messages
 from agent.protocol.frames import decode_binary
 from agent.runtime.fake import FakeEngine, FakeRuntime
 from tests.fakes.nvml import two_gpu_fake
@@ -93,7 +93,7 @@ class FakeJobs:
     async def assign(self, job_id: str, **fields: Any) -> None:
         message = {"type": "job.assign", "job_id": job_id, "image": {"ref": IMAGE}}
         message |= {"datastore": "vitals", **fields}
-        await self.system.session.on_message(self.link, m.JobAssign.model_validate(message))
+        await self.system.session.on_message(self.link, messages.JobAssign.model_validate(message))
 
     async def ended(self, job_id: str) -> dict[str, Any]:
         """The job's terminal ``job.state``, once its runner has also cleaned up (the
@@ -105,12 +105,12 @@ class FakeJobs:
 
     async def cancel(self, job_id: str) -> None:
         await self.system.session.on_message(
-            self.link, m.JobCancel.model_validate({"type": "job.cancel", "job_id": job_id})
+            self.link, messages.JobCancel.model_validate({"type": "job.cancel", "job_id": job_id})
         )
 
     async def ack(self, job_id: str) -> None:
         await self.system.session.on_message(
-            self.link, m.JobAck.model_validate({"type": "job.ack", "job_id": job_id})
+            self.link, messages.JobAck.model_validate({"type": "job.ack", "job_id": job_id})
         )
 
 

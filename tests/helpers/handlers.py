@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.link import Link
-from agent.protocol import messages as m
+from agent.protocol import messages
 from agent.protocol.session import PeerError
 
 
@@ -16,7 +16,7 @@ class QuietHandler:
     async def on_established(self, link: Link) -> None:
         return None
 
-    async def on_message(self, link: Link, message: m.Incoming) -> None:
+    async def on_message(self, link: Link, message: messages.Incoming) -> None:
         return None
 
     async def on_invalid_assignment(self, link: Link, job_id: str, detail: str) -> None:

@@ -33,8 +33,7 @@ from agent.config import ControlPlaneConfig, parse_config
 from agent.connection import Connection, proxy_for
 from agent.health.facts import ControlPlaneFacts
 from agent.link import Link
-from agent.protocol import MAX_INCOMING_FRAME, SUBPROTOCOL
-from agent.protocol import messages as m
+from agent.protocol import MAX_INCOMING_FRAME, SUBPROTOCOL, messages
 from agent.protocol.retry import Backoff
 from agent.protocol.session import Stats
 from tests.helpers.env import free_port, seconds, valid_config
@@ -333,7 +332,7 @@ def test_peer_strings_are_clipped_and_per_frame_lines_throttled(tmp_path: Path) 
         "control_plane_frame_ignored": count - 10,
     }
     first = next(e for e in events if e["event"] == "control_plane_error")
-    assert len(first["detail"]) == len(first["code"]) == m.MAX_DETAIL
+    assert len(first["detail"]) == len(first["code"]) == messages.MAX_DETAIL
     replies = cp.replies()
     assert len(replies) == count + 1  # every garbage frame, no invalid error
     assert all(r["code"] == "bad_message" and "ref" not in r for r in replies)

@@ -27,7 +27,7 @@ from agent.health.facts import ControlPlaneFacts
 from agent.link import Link, Uplink
 from agent.models.cache import ModelCache
 from agent.models.fetch import ArtifactFetcher
-from agent.protocol import messages as m
+from agent.protocol import messages
 from agent.protocol.session import PeerError, Stats
 from tests.controlplane.wire import hello
 from tests.helpers.env import seconds, valid_config
@@ -50,10 +50,10 @@ class ArtifactRouting:
         self.uplink.attach(link)
         self.fetcher.on_session()
 
-    async def on_message(self, link: Link, message: m.Incoming) -> None:
-        if isinstance(message, m.ArtifactChunk):
+    async def on_message(self, link: Link, message: messages.Incoming) -> None:
+        if isinstance(message, messages.ArtifactChunk):
             self.fetcher.on_chunk(message)
-        elif isinstance(message, m.ArtifactEnd):
+        elif isinstance(message, messages.ArtifactEnd):
             self.fetcher.on_end(message)
 
     async def on_invalid_assignment(self, link: Link, job_id: str, detail: str) -> None:
@@ -88,13 +88,13 @@ def tar_gz(files: dict[str, bytes]) -> bytes:
     return raw.getvalue()
 
 
-def spec(artifact: str, data: bytes, **changes: object) -> m.ModelSpec:
+def spec(artifact: str, data: bytes, **changes: object) -> messages.ModelSpec:
     fields: dict[str, object] = {
         "artifact": artifact,
         "sha256": hashlib.sha256(data).hexdigest(),
         "size": len(data),
     }
-    return m.ModelSpec.model_validate(fields | changes)
+    return messages.ModelSpec.model_validate(fields | changes)
 
 
 @asynccontextmanager

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 from agent.audit import GENESIS, AuditError, AuditLedger, ledger_path, read, verify
 from agent.auditcmd import render_entry
 from agent.link import Uplink
-from agent.protocol import messages as m
+from agent.protocol import messages
 from agent.protocol.frames import decode_binary
 from agent.results.scan import ResultFile
 from agent.results.spool import Manifest, Spool
@@ -316,8 +316,8 @@ def test_a_failed_write_leaves_no_partial_entry(
         def full_disk(fd: int) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        with monkeypatch.context() as m:
-            m.setattr("agent.audit.ledger.os.fsync", full_disk)
+        with monkeypatch.context() as patched:
+            patched.setattr("agent.audit.ledger.os.fsync", full_disk)
             with pytest.raises(AuditError, match="entry 6 not written"):
                 ledger.job_ended("job-1", "succeeded", None, 0)
         assert path.read_bytes() == before
@@ -423,14 +423,14 @@ class _FakeSession:
     async def send(self, message: dict[str, Any]) -> None:
         job = message["job_id"]
         if message["type"] == "result.manifest":
-            reply: Any = m.ResultResume(type="result.resume", job_id=job, offsets=self.held)
+            reply: Any = messages.ResultResume(type="result.resume", job_id=job, offsets=self.held)
         elif self.reject is not None:
-            reply = m.ResultRejected(
+            reply = messages.ResultRejected(
                 type="result.rejected", job_id=job, file=self.reject, code="checksum_mismatch"
             )
             self.held[self.reject], self.reject = 0, None
         else:
-            reply = m.ResultAccepted(type="result.accepted", job_id=job)
+            reply = messages.ResultAccepted(type="result.accepted", job_id=job)
         asyncio.get_running_loop().call_soon(self.uploader.route, reply)
 
     async def send_frame(self, type_: str, frame: bytes | memoryview) -> None:
@@ -447,7 +447,9 @@ class _FakeSession:
             self.uplink.attach(self)
             raise ConnectionError("dropped")
         self.held[index] = offset + n
-        ack = m.ResultAck(type="result.ack", job_id=header["job_id"], file=index, offset=offset + n)
+        ack = messages.ResultAck(
+            type="result.ack", job_id=header["job_id"], file=index, offset=offset + n
+        )
         asyncio.get_running_loop().call_soon(self.uploader.route, ack)
 
     def _check_recorded(self, job_id: str, index: int, start: int, end: int) -> None:

@@ -9,8 +9,8 @@ import pytest
 from agent import link_report
 from agent.health.facts import ControlPlaneFacts, NodeFacts, assess
 from agent.link_report import LinkReport
-from agent.protocol import session as s
 from agent.protocol.retry import Cause, classify
+from agent.protocol.session import Welcomed
 
 
 class Clock:
@@ -38,7 +38,7 @@ def test_disconnected_since_is_the_first_failure_not_the_latest_retry(clock: Clo
     administrator saw "since 3 s" on an outage an hour old."""
     report, _ = _report()
     report.connecting()
-    report.connected(s.Welcomed(session="s1", heartbeat_s=1.0))
+    report.connected(Welcomed(session="s1", heartbeat_s=1.0))
     clock.now = 2000.0
     report.disconnected(classify(Cause.KEEPALIVE), "pings unanswered", 1.0, up_until_now=False)
     for attempt in range(3):
@@ -56,7 +56,7 @@ def test_an_idle_open_link_is_contact(clock: Clock) -> None:
     dropped after an idle spell."""
     report, published = _report()
     report.connecting()
-    report.connected(s.Welcomed(session="s1", heartbeat_s=1.0))
+    report.connected(Welcomed(session="s1", heartbeat_s=1.0))
     clock.now = 1500.0
     report.in_contact()  # a heartbeat on the open session; the control plane says nothing
     assert published[-1].last_contact == 1500.0

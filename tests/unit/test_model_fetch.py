@@ -21,7 +21,7 @@ from agent.errors import ModelChecksumMismatch, ModelUnavailable
 from agent.link import Uplink
 from agent.models.download import MAX_SHORT_ENDS
 from agent.models.fetch import ArtifactFetcher
-from agent.protocol import messages as m
+from agent.protocol import messages
 from agent.protocol.session import PeerError
 from tests.helpers.env import seconds
 
@@ -54,14 +54,14 @@ class RecordingLink:
         return self.sent
 
 
-def chunk(offset: int, payload: bytes, artifact: str = ART) -> m.ArtifactChunk:
+def chunk(offset: int, payload: bytes, artifact: str = ART) -> messages.ArtifactChunk:
     header = {"type": "artifact.chunk", "artifact": artifact, "offset": offset}
-    return m.ArtifactChunk(m.ArtifactChunkHeader.model_validate(header), payload)
+    return messages.ArtifactChunk(messages.ArtifactChunkHeader.model_validate(header), payload)
 
 
-def end(size: int = len(DATA), sha256: str = SHA, artifact: str = ART) -> m.ArtifactEnd:
+def end(size: int = len(DATA), sha256: str = SHA, artifact: str = ART) -> messages.ArtifactEnd:
     message = {"type": "artifact.end", "artifact": artifact, "size": size, "sha256": sha256}
-    return m.ArtifactEnd.model_validate(message)
+    return messages.ArtifactEnd.model_validate(message)
 
 
 def feed(fetcher: ArtifactFetcher, data: bytes = DATA, start: int = 0, step: int = 4096) -> None:
@@ -162,7 +162,7 @@ def test_ends_that_keep_coming_short_are_a_mismatch(tmp_path: Path) -> None:
     ids=["end-sha", "end-size", "ok", "bytes", "end-below-held"],
 )
 def test_end_and_bytes_are_checked_against_the_assignment(
-    tmp_path: Path, data: bytes, the_end: m.ArtifactEnd, size: int | None, match: str | None
+    tmp_path: Path, data: bytes, the_end: messages.ArtifactEnd, size: int | None, match: str | None
 ) -> None:
     async def scenario(f: ArtifactFetcher, _u: Uplink, link: RecordingLink, spool: Path) -> None:
         task = start(f, size=size)
@@ -212,7 +212,7 @@ def test_unknown_artifact_error(tmp_path: Path) -> None:
         await link.gets(1)
         assert not f.on_error(PeerError("unknown_artifact", "other", "artifact.get"))
         assert not f.on_error(PeerError("bad_message", ART, "artifact.get"))
-        error = m.ErrorMessage.model_validate(
+        error = messages.ErrorMessage.model_validate(
             {"type": "error", "code": "unknown_artifact", "detail": ART}
         )
         assert f.on_error(error)

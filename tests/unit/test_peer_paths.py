@@ -26,7 +26,7 @@ from agent.jobs.outputfs import OutputVolumes
 from agent.link import Uplink
 from agent.models.fetch import ArtifactFetcher
 from agent.paths import UnsafeName, check_component, child
-from agent.protocol import messages as m
+from agent.protocol import messages
 from agent.results.spool import Spool
 from tests.helpers.env import seconds, valid_config
 
@@ -130,8 +130,10 @@ def test_a_hostile_job_id_never_reaches_the_job_system(name: str) -> None:
     job.rejected, since the id cannot be correlated. (job.cancel and job.ack only look
     an id up among known jobs; they never make a path of it.)"""
     extra = {"image": {"ref": "img"}, "datastore": "vitals"}
-    parsed = m.parse_text(m.encode_text({"type": "job.assign", "job_id": name, **extra}))
-    assert isinstance(parsed, m.Invalid), name
+    parsed = messages.parse_text(
+        messages.encode_text({"type": "job.assign", "job_id": name, **extra})
+    )
+    assert isinstance(parsed, messages.Invalid), name
     assert parsed.job_id is None
 
 
@@ -173,10 +175,10 @@ def test_artifact_names_never_become_paths(world: Path, name: str) -> None:
 @pytest.mark.parametrize("name", HOSTILE)
 def test_datastore_names_are_looked_up_never_joined(tmp_path: Path, name: str) -> None:
     config = parse_config(valid_config(tmp_path))
-    assign = m.JobAssign.model_construct(
+    assign = messages.JobAssign.model_construct(
         type="job.assign",
         job_id="j-1",
-        image=m.ImageSpec.model_construct(ref="img", digest=None, auth=None),
+        image=messages.ImageSpec.model_construct(ref="img", digest=None, auth=None),
         datastore=name,
         model=None,
         command=None,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from agent.protocol import messages as m
+from agent.protocol import messages
 from agent.protocol.imageref import is_image_ref
 from agent.protocol.session import Answered, InvalidAssignment, Received, Session
 
@@ -51,10 +51,10 @@ def refused(message: dict[str, Any] | str, *words: str) -> InvalidAssignment:
     return event
 
 
-def accepted(message: dict[str, Any] | str) -> m.JobAssign:
+def accepted(message: dict[str, Any] | str) -> messages.JobAssign:
     event = receive(message)
     assert isinstance(event, Received), event
-    assert isinstance(event.message, m.JobAssign)
+    assert isinstance(event.message, messages.JobAssign)
     return event.message
 
 

@@ -17,8 +17,7 @@ from structlog.testing import capture_logs
 
 from agent.audit import AuditLedger, ledger_path, verify
 from agent.link import Uplink
-from agent.protocol import MAX_CHUNK_PAYLOAD, MAX_HEADER
-from agent.protocol import messages as m
+from agent.protocol import MAX_CHUNK_PAYLOAD, MAX_HEADER, messages
 from agent.protocol.frames import FrameBuffer, FrameError, decode_binary, encode_binary
 from agent.protocol.session import Session, SessionError
 from agent.results.scan import ResultFile
@@ -41,9 +40,9 @@ class _Receiver:
         reply: Any
         if kind == "result.manifest":
             offsets = [0] * len(self.got)
-            reply = m.ResultResume(type="result.resume", job_id=job, offsets=offsets)
+            reply = messages.ResultResume(type="result.resume", job_id=job, offsets=offsets)
         else:
-            reply = m.ResultAccepted(type="result.accepted", job_id=job)
+            reply = messages.ResultAccepted(type="result.accepted", job_id=job)
         asyncio.get_running_loop().call_soon(self.uploader.route, reply)
 
     async def send_frame(self, type_: str, frame: bytes | memoryview) -> None:
@@ -119,7 +118,7 @@ def test_a_frame_built_in_place_is_the_frame_the_protocol_defines(job_id: str, s
     for _ in range(2):  # the second frame reuses what the first left behind
         payload = os.urandom(size)
         buffer.payload(size)[:] = payload
-        header = m.result_chunk_header(job_id, 3, 7 * size)
+        header = messages.result_chunk_header(job_id, 3, 7 * size)
         frame = bytes(buffer.frame(header, size))
         assert frame == encode_binary(header, payload)
         assert decode_binary(frame).header == header
@@ -158,7 +157,7 @@ def test_a_built_frame_waits_for_welcome_and_goes_out_as_built() -> None:
     hello = {"type": "hello", "protocol": 1, "node_id": "n1"}
     session = Session(hello)
     session.initiate()
-    frame = encode_binary(m.result_chunk_header("j", 0, 0), b"abc")
+    frame = encode_binary(messages.result_chunk_header("j", 0, 0), b"abc")
     with pytest.raises(SessionError):
         session.send_frame("result.chunk", frame)
     session.data_to_send()

@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from agent.protocol import MAX_CHUNK_PAYLOAD
-from agent.protocol import messages as m
+from agent.protocol import MAX_CHUNK_PAYLOAD, messages
 from agent.protocol.results import (
     AwaitMessage,
     Done,
@@ -32,19 +31,21 @@ def sender(
     return ResultSender(JOB, manifest, files, high or [0] * len(sizes), window=window)
 
 
-def resume(offsets: list[int]) -> m.ResultResume:
-    return m.ResultResume(type="result.resume", job_id=JOB, offsets=offsets)
+def resume(offsets: list[int]) -> messages.ResultResume:
+    return messages.ResultResume(type="result.resume", job_id=JOB, offsets=offsets)
 
 
-def ack(file: int, offset: int) -> m.ResultAck:
-    return m.ResultAck(type="result.ack", job_id=JOB, file=file, offset=offset)
+def ack(file: int, offset: int) -> messages.ResultAck:
+    return messages.ResultAck(type="result.ack", job_id=JOB, file=file, offset=offset)
 
 
-ACCEPTED = m.ResultAccepted(type="result.accepted", job_id=JOB)
+ACCEPTED = messages.ResultAccepted(type="result.accepted", job_id=JOB)
 
 
-def rejected(file: int) -> m.ResultRejected:
-    return m.ResultRejected(type="result.rejected", job_id=JOB, file=file, code="checksum_mismatch")
+def rejected(file: int) -> messages.ResultRejected:
+    return messages.ResultRejected(
+        type="result.rejected", job_id=JOB, file=file, code="checksum_mismatch"
+    )
 
 
 def drain(s: ResultSender) -> list[Any]:
