@@ -87,13 +87,13 @@ def test_a_review_command_that_hangs_times_out_and_leaves_the_job_to_a_person(
     """Attack: the review program hangs (or is made to), and the job is either released
     by default or stuck for good. It must be killed at its timeout (half the review
     time left), recorded undecided, and the job stay held until a person releases it."""
-    # 0.02 h: 72 s of review time, so the command gets 36 s.
+    # 0.005 h: 18 s of review time, so the command gets 9 s, and the test the other 9 s.
     with _node(
-        tmp_path, docker_client, review_command=["/bin/sleep", "1000"], review_timeout_h=0.02
+        tmp_path, docker_client, review_command=["/bin/sleep", "1000"], review_timeout_h=0.005
     ) as node:
         node.assign("j-hang", _counts(("north", 12)))
         _wait_held(node, "j-hang")
-        deadline = time.monotonic() + seconds(60)  # the command's 36 s, and then some
+        deadline = time.monotonic() + seconds(30)  # the command's 9 s, and then some
         found: list[dict[str, Any]] = []
         while not found and time.monotonic() < deadline:
             time.sleep(0.2)
