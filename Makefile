@@ -7,7 +7,10 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 BIN := .venv/bin
-PYTEST_ARGS ?=
+# Two workers, a test file each at a time (its module fixtures stay on one worker): the
+# tests mostly wait on containers and sockets, and every test owns its node id, ports
+# and directories, so they run side by side; `PYTEST_ARGS=` runs them one by one.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 WITH_ENGINE := bash scripts/dockerd.sh run
 
 define lint_cmds
