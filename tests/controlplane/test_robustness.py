@@ -249,14 +249,19 @@ def test_no_frame_breaks_the_session() -> None:
         assert node is not None and node.connected
 
 
+async def _one_byte_upload(ws: Any) -> dict[str, Any]:
+    """Announce job j-1's one result file of one byte; the header of its first chunk."""
+    manifest = {"type": "result.manifest", "job_id": "j-1", "total_bytes": 1}
+    manifest["files"] = [{"index": 0, "path": "a", "size": 1, "sha256": "0" * 64}]
+    await send_json(ws, manifest)
+    assert (await recv_json(ws))["type"] == "result.resume"
+    return {"type": "result.chunk", "job_id": "j-1", "file": 0, "offset": 0}
+
+
 def test_frame_sizes() -> None:
     async def main() -> None:
         async with cp_with() as cp, session(cp) as (ws, _):
-            manifest = {"type": "result.manifest", "job_id": "j-1", "total_bytes": 1}
-            manifest["files"] = [{"index": 0, "path": "a", "size": 1, "sha256": "0" * 64}]
-            await send_json(ws, manifest)
-            assert (await recv_json(ws))["type"] == "result.resume"
-            header = {"type": "result.chunk", "job_id": "j-1", "file": 0, "offset": 0}
+            header = await _one_byte_upload(ws)
             await ws.send(encode_binary(header, bytes(MAX_CHUNK_PAYLOAD + 1)))
             reply = await recv_json(ws)
             assert (reply["code"], reply["ref"]) == ("bad_message", "result.chunk")
@@ -279,11 +284,7 @@ def test_chunk_header_over_4_kib() -> None:
 
     async def main() -> None:
         async with cp_with() as cp, session(cp) as (ws, _):
-            manifest = {"type": "result.manifest", "job_id": "j-1", "total_bytes": 1}
-            manifest["files"] = [{"index": 0, "path": "a", "size": 1, "sha256": "0" * 64}]
-            await send_json(ws, manifest)
-            assert (await recv_json(ws))["type"] == "result.resume"
-            header = {"type": "result.chunk", "job_id": "j-1", "file": 0, "offset": 0}
+            header = await _one_byte_upload(ws)
             raw = json.dumps(header | {"pad": "x" * MAX_HEADER}).encode()
             await ws.send(struct.pack(">I", len(raw)) + raw + b"a")
             assert (await recv_json(ws))["type"] == "result.ack"  # stored, durable
