@@ -272,9 +272,13 @@ def parse_binary(data: bytes) -> Incoming | Invalid:
 # -- agent → control plane -------------------------------------------------------------
 
 
+# One encoder for every text frame (json.dumps with options builds one per call).
+_TEXT_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def encode_text(message: dict[str, Any]) -> str:
     """One text frame. ``allow_nan=False``: NaN is not JSON, and a peer may choke on it."""
-    return json.dumps(message, separators=(",", ":"), allow_nan=False)
+    return _TEXT_ENCODER.encode(message)
 
 
 def error(code: str, detail: str | None = None, ref: str | None = None) -> dict[str, Any]:
