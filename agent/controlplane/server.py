@@ -145,8 +145,7 @@ class ControlPlane(ControlPlaneAPI):
         # Each received MiB passes through a few short-lived blocks (asyncio's 256 KiB
         # reads, websockets' frame buffer and unmasked copy): keep them for reuse rather
         # than faulting fresh pages in for each (agent/heap.py).
-        if __import__("os").environ.get("CBHEAP"):
-            keep_freed_blocks()
+        keep_freed_blocks()
         self._server = await serve(
             self._handle,
             self.host,
