@@ -222,6 +222,9 @@ class JobFiles:
         held = _read_json(self.partial_dir / "manifest.json")
         if held is None or held != manifest.entries():
             return None
+        # Gone if the CP stopped between publishing the files and moving the marker:
+        # then every file is received again, into a new tree.
+        self.tree.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.use(manifest)
         offsets = []
         for entry in manifest.files:
