@@ -87,13 +87,15 @@ def test_a_review_command_that_hangs_times_out_and_leaves_the_job_to_a_person(
     """Attack: the review program hangs (or is made to), and the job is either released
     by default or stuck for good. It must be killed at its timeout (half the review
     time left), recorded undecided, and the job stay held until a person releases it."""
-    # 0.005 h: 18 s of review time, so the command gets 9 s, and the test the other 9 s.
+    # 18 s of review time (scaled on a slow machine): the command gets half, the test
+    # the other half to see it undecided and release the job.
+    review_h = seconds(18) / 3600
     with _node(
-        tmp_path, docker_client, review_command=["/bin/sleep", "1000"], review_timeout_h=0.005
+        tmp_path, docker_client, review_command=["/bin/sleep", "1000"], review_timeout_h=review_h
     ) as node:
         node.assign("j-hang", _counts(("north", 12)))
         _wait_held(node, "j-hang")
-        deadline = time.monotonic() + seconds(30)  # the command's 9 s, and then some
+        deadline = time.monotonic() + seconds(30)  # the command's half, and then some
         found: list[dict[str, Any]] = []
         while not found and time.monotonic() < deadline:
             time.sleep(0.2)

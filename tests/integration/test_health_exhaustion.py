@@ -37,7 +37,7 @@ from agent.loops import LoopFailures, every
 from agent.runtime.docker import DockerRuntime
 from agent.systemd import Notifier
 from tests.helpers.env import seconds, valid_config, write_config
-from tests.helpers.proc import running_agent
+from tests.helpers.proc import AgentProcess, running_agent
 from tests.helpers.waiting import wait_until
 
 ATTACK_CONNECTIONS = 1100
@@ -187,7 +187,7 @@ def test_a_real_agent_survives_1100_idle_connections(tmp_path: Path) -> None:
     path = write_config(tmp_path, config)
     with running_agent(path, port, tmp_path) as agent:
         pid = agent.proc.pid
-        wait_until(lambda: "jobs_recovered" in agent.log(), "job recovery", seconds(15))
+        _wait_recovery(agent)
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (AGENT_NOFILE, AGENT_NOFILE))
         with ExitStack() as attack:
             for _ in range(ATTACK_CONNECTIONS):
@@ -218,6 +218,16 @@ def test_a_real_agent_survives_1100_idle_connections(tmp_path: Path) -> None:
         assert agent.stop()[0] == 0
 
 
+def _wait_recovery(agent: AgentProcess) -> None:
+    """Until the agent's startup recovery is done, or waits for an engine (without one it
+    retries every 10 s, and a failure to list is retried, never fatal)."""
+    wait_until(
+        lambda: "jobs_recovered" in (log := agent.log()) or "job_recovery_waiting" in log,
+        "job recovery",
+        seconds(15),
+    )
+
+
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
@@ -235,7 +245,7 @@ def test_an_agent_out_of_descriptors_neither_spins_nor_exits(tmp_path: Path) -> 
         pid = agent.proc.pid
         # Startup done (its job recovery opens directories too), so that only the
         # health server meets the lack of descriptors.
-        wait_until(lambda: "jobs_recovered" in agent.log(), "job recovery", seconds(15))
+        _wait_recovery(agent)
         full = len(os.listdir(f"/proc/{pid}/fd"))
         soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (full, hard))  # only the soft one
