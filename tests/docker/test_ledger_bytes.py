@@ -4,7 +4,6 @@ drops the session mid-upload, and an agent restarted mid-upload."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from typing import Any
 
@@ -12,7 +11,7 @@ import pytest
 
 from tests.helpers.env import seconds
 from tests.helpers.jobnode import JobNode
-from tests.helpers.proc import agent_command
+from tests.helpers.proc import run_cli
 
 pytestmark = pytest.mark.docker
 MIB = 1024 * 1024
@@ -25,13 +24,7 @@ def _entries(node: JobNode, job_id: str) -> list[dict[str, Any]]:
 
 def _audit_job(node: JobNode, job_id: str) -> list[str]:
     """``cloudbender-agent audit --job`` as a person runs it; its lines."""
-    proc = subprocess.run(
-        [*agent_command(), "audit", "--job", job_id, "--config", str(node.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=seconds(120),
-        check=False,
-    )
+    proc = run_cli("audit", "--job", job_id, "--config", str(node.config_path), timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.splitlines()
 

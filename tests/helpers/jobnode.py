@@ -19,7 +19,7 @@ import docker.errors
 
 from agent.controlplane import ThreadedControlPlane
 from tests.helpers.env import seconds, valid_config, write_config
-from tests.helpers.proc import AgentProcess, agent_command, running_agent
+from tests.helpers.proc import AgentProcess, run_cli, running_agent
 
 TOKEN = "s3cr3t-token-for-tests-0123456789"
 IMAGE = "cloudbender-test/busybox:latest"
@@ -50,13 +50,7 @@ class JobNode:
 
     def audit_verify(self) -> subprocess.CompletedProcess[str]:
         """``cloudbender-agent audit --verify`` on this node's config, as a person runs it."""
-        return subprocess.run(
-            [*agent_command(), "audit", "--verify", "--config", str(self.config_path)],
-            capture_output=True,
-            text=True,
-            timeout=seconds(120),
-            check=False,
-        )
+        return run_cli("audit", "--verify", "--config", str(self.config_path), timeout=120)
 
     def respawn(self, env: dict[str, str] | None = None, *, wait_exit: float = 60) -> int:
         """Wait for the agent to exit by itself (a crash point's SIGKILL), SIGKILL it if
@@ -108,13 +102,7 @@ class JobNode:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``cloudbender-agent ARGS --config <this node's config>``, as an operator runs it."""
-        return subprocess.run(
-            [*agent_command(), *args, "--config", str(self.config_path)],
-            capture_output=True,
-            text=True,
-            timeout=seconds(60),
-            check=False,
-        )
+        return run_cli(*args, "--config", str(self.config_path))
 
     def wait_state(self, job_id: str, state: str, timeout: float = 60) -> dict[str, Any]:
         """The job's ``job.state`` ``state``; fails at once if the job ended without it

@@ -28,6 +28,17 @@ def agent_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "agent.cli"]
 
 
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``cloudbender-agent ARGS`` as a person runs it: its exit code and text output."""
+    return subprocess.run(
+        [*agent_command(), *args],
+        capture_output=True,
+        text=True,
+        timeout=seconds(timeout),
+        check=False,
+    )
+
+
 @dataclass
 class AgentProcess:
     proc: subprocess.Popen[bytes]

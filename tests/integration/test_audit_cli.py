@@ -11,18 +11,12 @@ import pytest
 from agent.audit import AuditError, AuditLedger, ledger_path
 from agent.jobs.store import AuditAnchor, JobStore, store_path
 from tests.helpers.env import valid_config, write_config
-from tests.helpers.proc import agent_command
+from tests.helpers.proc import agent_command, run_cli
 from tests.unit.test_audit import one_job
 
 
 def _audit(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*agent_command(), "audit", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli("audit", "--config", str(config), *args)
 
 
 @pytest.fixture
@@ -42,13 +36,7 @@ def ledger(config: Path, tmp_path: Path) -> Path:
 
 
 def test_help_lists_audit() -> None:
-    proc = subprocess.run(
-        [*agent_command(), "audit", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_cli("audit", "--help")
     assert proc.returncode == 0
     for option in ("--job", "--json", "--verify", "--config"):
         assert option in proc.stdout

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.proc import agent_command
+from tests.helpers.proc import run_cli
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*agent_command(), *args], capture_output=True, text=True, timeout=60, check=False
-    )
+    return run_cli(*args)
 
 
 def test_help_lists_the_commands() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import pytest
 
 from agent.controlplane import ThreadedControlPlane
 from tests.helpers.env import free_port, seconds, valid_config, write_config
-from tests.helpers.proc import AgentProcess, agent_command, running_agent
+from tests.helpers.proc import AgentProcess, run_cli, running_agent
 
 TOKEN = "s3cr3t-token-for-tests-0123456789"
 NODE = "test-node"
@@ -150,13 +149,7 @@ def test_wrong_token_is_auth_failed_and_retried_at_max_backoff_only(tmp_path: Pa
             assert len(seen) >= 3, seen
             assert min(gaps) >= 1.0 * 0.98, gaps  # never faster than max_s
             assert status["backoff_s"] >= 1.0
-            shown = subprocess.run(
-                [*agent_command(), "status", "--config", str(path)],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            shown = run_cli("status", "--config", str(path))
             assert "auth_failed" in shown.stdout
             assert "last error: token refused by control plane" in shown.stdout
             assert "next attempt in" in shown.stdout

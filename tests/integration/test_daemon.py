@@ -15,7 +15,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.env import free_port, seconds, valid_config, write_config
-from tests.helpers.proc import agent_command, running_agent
+from tests.helpers.proc import agent_command, run_cli, running_agent
 
 
 def _metrics(text: str) -> dict[str, list[Any]]:
@@ -186,29 +186,14 @@ def test_invalid_config_exits_78(tmp_path: Path) -> None:
 def test_status_command_shows_the_daemon_and_says_when_none_answers(tmp_path: Path) -> None:
     _, path, port = _setup(tmp_path)
     with running_agent(path, port, tmp_path) as agent:
-        human = subprocess.run(
-            [*agent_command(), "status", "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        human = run_cli("status", "--config", str(path))
         assert human.returncode == 0, human.stderr
         assert "test-node" in human.stdout and "healthy" in human.stdout
         assert "vitals" in human.stdout
-        as_json = subprocess.run(
-            [*agent_command(), "status", "--json", "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        as_json = run_cli("status", "--json", "--config", str(path))
         assert json.loads(as_json.stdout)["node_id"] == "test-node"
         agent.stop()
-    nobody = subprocess.run(
-        [*agent_command(), "status", "--address", f"127.0.0.1:{free_port()}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    nobody = run_cli("status", "--address", f"127.0.0.1:{free_port()}")
     assert nobody.returncode == 3
     assert "no daemon answers" in nobody.stderr
 

@@ -11,20 +11,14 @@ from typing import Any
 import pytest
 
 from agent.controlplane import ThreadedControlPlane
-from tests.helpers.env import seconds, valid_config, write_config
-from tests.helpers.proc import agent_command
+from tests.helpers.env import valid_config, write_config
+from tests.helpers.proc import run_cli
 
 TOKEN = "doctor-test-token-0123456789abcdef"
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*agent_command(), *args],
-        capture_output=True,
-        text=True,
-        timeout=seconds(60),
-        check=False,
-    )
+    return run_cli(*args)
 
 
 @pytest.fixture

@@ -12,14 +12,12 @@ import pytest
 
 from agent.audit import AuditLedger, ledger_path
 from tests.helpers.env import valid_config, write_config
-from tests.helpers.proc import agent_command, running_agent
+from tests.helpers.proc import agent_command, run_cli, running_agent
 from tests.unit.test_audit import one_job
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*agent_command(), *args], capture_output=True, text=True, timeout=60, check=False
-    )
+    return run_cli(*args)
 
 
 def _node(tmp_path: Path) -> tuple[dict[str, Any], Path]:

@@ -4,14 +4,13 @@ and the pending-restart row of `status` for the keys a reload cannot apply."""
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tests.helpers.env import free_port, seconds, valid_config, write_config
-from tests.helpers.proc import AgentProcess, agent_command, running_agent
+from tests.helpers.proc import AgentProcess, run_cli, running_agent
 
 
 def _until(check: Callable[[], Any], what: str, agent: AgentProcess, timeout: float = 10) -> Any:
@@ -71,13 +70,7 @@ def test_sighup_applies_gpus_disk_floor_and_disconnect_limit_and_shows_pending_r
         assert codes[0] == 503
         low = next(p for p in codes[1]["problems"] if p["code"] == "state_dir_low_space")
         assert "under limits.min_free_mib 1000000000 MiB" in low["detail"]
-        shown = subprocess.run(
-            [*agent_command(), "status", "--address", f"127.0.0.1:{port}"],
-            capture_output=True,
-            text=True,
-            timeout=seconds(30),
-            check=False,
-        )
+        shown = run_cli("status", "--address", f"127.0.0.1:{port}", timeout=30)
         assert "Restart needed yes, for node.id" in shown.stdout, shown.stdout + shown.stderr
 
         config["node"]["id"] = "test-node"  # back as it runs: no restart needed any more

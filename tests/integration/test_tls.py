@@ -26,7 +26,7 @@ from agent.controlplane.mtls import server_context
 from agent.health.facts import ControlPlaneFacts
 from tests.helpers.certs import Issued, TestCA
 from tests.helpers.env import free_port, seconds
-from tests.helpers.proc import agent_command, running_agent
+from tests.helpers.proc import run_cli, running_agent
 from tests.integration.test_control_plane_session import (
     NODE,
     TOKEN,
@@ -259,13 +259,7 @@ def test_the_words_reach_status_and_the_log_without_secrets(tmp_path: Path, pki:
         path.write_text(yaml.safe_dump(raw))
         with running_agent(path, port, tmp_path) as agent:
             status = wait_status(agent, "auth_failed", timeout=20)
-            shown = subprocess.run(
-                [*agent_command(), "status", "--config", str(path)],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            shown = run_cli("status", "--config", str(path))
             assert agent.stop()[0] == 0
             log = agent.log()
     words = "client certificate is for node 'other-node', not 'test-node'"

@@ -12,7 +12,7 @@ import certifi
 from agent.tls_expiry import not_after
 from tests.helpers.certs import TestCA
 from tests.helpers.env import valid_config, write_config
-from tests.helpers.proc import agent_command
+from tests.helpers.proc import run_cli
 
 
 def _stamp(at: datetime) -> str:
@@ -37,9 +37,7 @@ def _config(tmp_path: Path, days_left: float) -> tuple[Path, Path]:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*agent_command(), *args], capture_output=True, text=True, timeout=120, check=False
-    )
+    return run_cli(*args, timeout=120)
 
 
 def test_check_config_warns_of_a_client_certificate_expiring_within_14_days(
