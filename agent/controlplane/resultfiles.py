@@ -10,11 +10,13 @@ Layout under the results directory ``root`` (``<node>`` and ``<job>`` are
 
 Results are published by one rename of the finished ``files`` directory, after every
 file's size and sha256 were checked: one step however many files, and a reader never
-sees part of a result. Durability (:meth:`JobFiles.durable`) is ``fdatasync`` of each
-file written since the last durable point and ``fsync`` of each directory that gained
-an entry, never a global ``sync()`` (which would also flush every other process's
-writes); written pages are then dropped from the page cache, since the CP does not read
-them again and keeping them only makes the next writes find cold memory.
+sees part of a result. Bulk bytes bypass the page cache
+(:mod:`agent.controlplane.directwrites`). Durability (:meth:`JobFiles.durable`) is
+``fdatasync`` of each file written since the last durable point and ``fsync`` of each
+directory that gained an entry, never a global ``sync()`` (which would also flush every
+other process's writes). Where the file system refuses direct writes, the pages that
+bulk bytes leave in the cache are dropped once durable: the CP does not read them again,
+and keeping them only makes the next writes find cold memory.
 
 The partial tree and the marker let a control plane built on the same
 ``root`` resume an upload, or answer ``result.accepted`` again, after a restart.
@@ -23,15 +25,19 @@ Directories are ``0700`` and files ``0600``: results are the consumer's data.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from agent.controlplane import directwrites
+from agent.controlplane.directwrites import DirectWrites, wait_all
 from agent.controlplane.manifest import Manifest, fs_name
 from agent.fsutil import fsync_dir, write_atomic
 
@@ -70,6 +76,11 @@ class JobFiles:
         self._dirs: set[str] = set()  # directories of the tree known to exist
         self._made: set[int] = set()  # files created since begin(): no stat to find them
         self._drop: set[int] = set()  # of _open: bulk files whose pages are dropped when durable
+        self._direct: dict[int, int] = {}  # of _open: index -> its O_DIRECT descriptor
+        self._in_flight: list[Future[None]] = []  # direct writes not known to be done
+        self._direct_tried = False  # a direct write of these files succeeded
+        self._direct_refused = False  # the file system refused O_DIRECT: never again
+        self._failed: OSError | None = None  # a failed direct write: every durable point says
 
     def _partial(self, index: int) -> Path:
         # manifest.parse() allowed only relative paths without "." or ".." parts.
@@ -81,7 +92,9 @@ class JobFiles:
 
     def begin(self, manifest: Manifest) -> None:
         """Start receiving ``manifest`` afresh: every partial byte is forgotten."""
-        self.close()
+        self._settle()
+        self._failed = None
+        self._close_all()
         shutil.rmtree(self.partial_dir, ignore_errors=True)
         self._dirs.clear()
         self._made.clear()
@@ -90,17 +103,73 @@ class JobFiles:
         fsync_dir(self.partial_dir.parent)
         self.use(manifest)
 
-    def write(self, index: int, offset: int, data: bytes | memoryview) -> None:
-        """Write ``data`` at ``offset`` of file ``index`` (durable at :meth:`durable`)."""
+    def write(
+        self, index: int, offset: int, data: bytes | memoryview, direct: DirectWrites | None = None
+    ) -> None:
+        """Write ``data`` at ``offset`` of file ``index`` (durable at :meth:`durable`).
+
+        With ``direct``, the whole blocks of a bulk write (at least
+        :data:`~agent.controlplane.directwrites.MIN_SIZE`, at a block-aligned offset) are
+        handed to it and bypass the page cache; the rest is written here, through it."""
         fd = self._open.get(index)
         if fd is None:
             fd = self._open[index] = self._create(index, os.O_RDWR)
-        if len(data) >= DROP_MIN:
-            self._drop.add(index)
         view = memoryview(data)
+        bulk = len(view) >= directwrites.MIN_SIZE and offset % directwrites.ALIGN == 0
+        if direct is not None and bulk:
+            whole = len(view) - len(view) % directwrites.ALIGN
+            if self._write_direct(direct, index, offset, view[:whole]):
+                view, offset = view[whole:], offset + whole
+        if not view:
+            return
+        if index in self._direct:
+            # Written before this, or the file could end up longer than what it holds:
+            # after a kill, held() would take the gap for bytes received.
+            self._settle()
+            if self._failed is not None:
+                raise self._failed
+        if len(view) >= DROP_MIN:
+            self._drop.add(index)
         while view:
             done = os.pwrite(fd, view, offset)
             view, offset = view[done:], offset + done
+
+    def _write_direct(
+        self, direct: DirectWrites, index: int, offset: int, view: memoryview
+    ) -> bool:
+        """Hand ``view`` (whole blocks) to ``direct``; False (and never again for these
+        files) where the file system refuses ``O_DIRECT``. The first direct write is
+        waited for, so that a refusal shows here rather than at a durable point."""
+        if self._direct_refused:
+            return False
+        try:
+            fd = self._direct.get(index)
+            if fd is None:
+                path = f"{self.tree}/{self._paths[index]}"
+                fd = self._direct[index] = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            self._in_flight = [w for w in self._in_flight if not w.done() or w.exception()]
+            while view:
+                size = min(len(view), directwrites.MAX_WRITE)
+                write = direct.submit(fd, offset, view[:size])
+                if not self._direct_tried:
+                    write.result()
+                    self._direct_tried = True
+                self._in_flight.append(write)
+                view, offset = view[size:], offset + size
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or self._direct_tried:
+                raise
+            self._direct_refused = True
+            return False
+        return True
+
+    def _settle(self) -> None:
+        """Wait for the direct writes in flight; a failed one is kept for durable points."""
+        in_flight, self._in_flight = self._in_flight, []
+        try:
+            wait_all(in_flight)
+        except OSError as exc:
+            self._failed = self._failed or exc
 
     def complete(self, index: int) -> None:
         """File ``index`` has all its bytes: closed once durable."""
@@ -111,6 +180,11 @@ class JobFiles:
 
     def durable(self) -> None:
         """Make every byte written so far durable, and the directory entries made for it."""
+        self._settle()
+        if self._failed is not None:
+            raise self._failed
+        for fd in self._take_direct():
+            os.close(fd)
         for index, fd in list(self._open.items()):
             os.fdatasync(fd)
             if index in self._drop:  # a small file's page or two: not worth the call
@@ -128,8 +202,13 @@ class JobFiles:
         """What :meth:`durable` would do, split: this takes the files and directories to
         sync (descriptors of completed files handed over, duplicates of the others) and
         returns the syncing, for another thread, so that writing goes on meanwhile.
-        ``fdatasync`` covers every write made before it starts, so the returned call
-        makes durable everything written before this one."""
+        ``fdatasync`` covers every write made before it starts, so the returned call,
+        which first waits for the direct writes in flight, makes durable everything
+        written before this one."""
+        if self._failed is not None:
+            raise self._failed
+        in_flight = list(self._in_flight)  # also kept: a failure is then kept by _settle()
+        direct = self._take_direct()
         handed: list[tuple[int, bool]] = []
         for index, fd in list(self._open.items()):
             owned = self._open.pop(index) if index in self._complete else os.dup(fd)
@@ -139,15 +218,20 @@ class JobFiles:
         deepest_first = sorted(self._new_entries, key=_depth, reverse=True)
         directories = [self.tree / d if d else self.tree for d in deepest_first]
         self._new_entries.clear()
-        return partial(_sync_all, handed, directories)
+        return partial(_sync_all, in_flight, direct, handed, directories)
+
+    def _take_direct(self) -> list[int]:
+        """The direct descriptors of completed files, for closing once written."""
+        return [self._direct.pop(i) for i in self._complete.intersection(self._direct)]
 
     def discard(self, index: int) -> None:
         """Forget every byte of file ``index`` (it will be sent again from 0)."""
-        fd = self._open.pop(index, None)
+        self._settle()
+        for fd in (self._open.pop(index, None), self._direct.pop(index, None)):
+            if fd is not None:
+                os.close(fd)
         self._complete.discard(index)
         self._drop.discard(index)
-        if fd is not None:
-            os.close(fd)
         self._made.discard(index)
         self._partial(index).unlink(missing_ok=True)
 
@@ -182,10 +266,20 @@ class JobFiles:
 
     def close(self) -> None:
         """Make durable and close the open partial files (their bytes stay on disk)."""
-        self.durable()
-        for fd in self._open.values():
+        try:
+            self.durable()
+        finally:
+            self._close_all()
+
+    def _close_all(self) -> None:
+        """Close every descriptor, once no direct write is in flight."""
+        self._settle()
+        for fd in [*self._open.values(), *self._direct.values()]:
             os.close(fd)
         self._open.clear()
+        self._direct.clear()
+        self._complete.clear()
+        self._drop.clear()
 
     def _create(self, index: int, mode: int) -> int:
         # Per file, no stat: directories seen are remembered, and the file's directory is
@@ -217,7 +311,9 @@ class JobFiles:
     def held(self, manifest: Manifest) -> list[int] | None:
         """Bytes held of each file of ``manifest`` from an earlier upload of it, or ``None``.
 
-        Each partial file is synced first; one longer than its entry is cut to size.
+        Each partial file is synced first; one longer than its entry is cut to size, and
+        one with a hole is cut where the hole starts: a direct write queued when the CP
+        stopped can leave one before bytes that a later write put on the disk.
         """
         held = _read_json(self.partial_dir / "manifest.json")
         if held is None or held != manifest.entries():
@@ -233,9 +329,11 @@ class JobFiles:
                 offsets.append(0)
                 continue
             with path.open("r+b") as handle:
-                size = min(os.fstat(handle.fileno()).st_size, entry.size)
+                fd = handle.fileno()
+                os.fsync(fd)  # so that every byte written is in an extent SEEK_HOLE sees
+                size = min(os.fstat(fd).st_size, entry.size, _first_hole(fd))
                 handle.truncate(size)
-                os.fsync(handle.fileno())
+                os.fsync(fd)
             offsets.append(size)
         return offsets
 
@@ -255,8 +353,18 @@ def _write_json(path: Path, value: Any) -> None:
     write_atomic(path, json.dumps(value).encode())
 
 
-def _sync_all(handed: list[tuple[int, bool]], directories: list[Path]) -> None:
+def _sync_all(
+    in_flight: list[Future[None]],
+    direct: list[int],
+    handed: list[tuple[int, bool]],
+    directories: list[Path],
+) -> None:
     try:
+        try:
+            wait_all(in_flight)
+        finally:
+            for fd in direct:
+                os.close(fd)
         for fd, drop in handed:
             os.fdatasync(fd)
             if drop:
@@ -266,6 +374,14 @@ def _sync_all(handed: list[tuple[int, bool]], directories: list[Path]) -> None:
     finally:
         for fd, _ in handed:
             os.close(fd)
+
+
+def _first_hole(fd: int) -> int:
+    """Where the first hole (bytes never written) of ``fd`` starts: its size if none."""
+    try:
+        return os.lseek(fd, 0, os.SEEK_HOLE)
+    except OSError:  # a file system without SEEK_HOLE: the whole file counts as written
+        return os.fstat(fd).st_size
 
 
 def _depth(relative: str) -> int:

@@ -1,4 +1,4 @@
-"""The one thread that hashes, writes and syncs every upload's result bytes (§5).
+"""The thread that hashes and writes every upload's result bytes (§5), and those beside it.
 
 :class:`ResultWorker` runs blocking file work off the server's event loop, in the order
 it was handed over, so that each file's bytes reach the disk in order and a durable
@@ -11,12 +11,14 @@ batch of its own. Every other call (:meth:`ResultWorker.run`) first hands over t
 batch being gathered, so order is kept; the caller must therefore queue a durable point
 (or any other call) before it waits for the bytes of the chunks it queued.
 
-A durable point (:meth:`ResultWorker.durable`) is taken in the worker, in order, and
-synced in a second thread while the worker goes on. A write or sync that fails does
-not stop the batch: the first ``OSError`` of an upload is kept on it and raised by
-every later durable point, so that no ack covers bytes that were not written, nor bytes
-whose sync failed (Linux reports a failed writeback once; the next ``fdatasync``
-succeeds although those pages may be lost).
+Bulk bytes are written straight to the disk by the threads of
+:class:`~agent.controlplane.directwrites.DirectWrites` while the worker hashes them and
+goes on. A durable point (:meth:`ResultWorker.durable`) is taken in the worker, in order,
+and synced in a second thread, once the direct writes before it are done, while the
+worker goes on. A write or sync that fails does not stop the batch: the first
+``OSError`` of an upload is kept on it and raised by every later durable point, so that
+no ack covers bytes that were not written, nor bytes whose sync failed (Linux reports a
+failed writeback once; the next ``fdatasync`` succeeds although those pages may be lost).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from agent.controlplane.directwrites import DirectWrites
 
 if TYPE_CHECKING:
     from agent.controlplane.upload import ResultFault, Upload
@@ -42,12 +46,14 @@ class ResultWorker:
     def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
         self._syncer: ThreadPoolExecutor | None = None
+        self._direct: DirectWrites | None = None
         self._batch: list[_Store] = []
         self._batch_bytes = 0
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="cp-results")
+            self._direct = DirectWrites()
         return self._executor
 
     def durable(self, upload: Upload, fault: ResultFault | None = None) -> asyncio.Future[None]:
@@ -86,13 +92,14 @@ class ResultWorker:
     def _hand_over(self) -> None:
         if self._batch:
             batch, self._batch, self._batch_bytes = self._batch, [], 0
-            self._pool().submit(_store_all, batch)  # errors are kept on the upload
+            self._pool().submit(_store_all, batch, self._direct)  # errors are kept on the upload
 
     def close(self, last: Callable[[], None]) -> None:
         """Run ``last`` once everything queued is done, then end the thread. Blocks."""
         self._hand_over()
         executor, self._executor = self._executor, None
         syncer, self._syncer = self._syncer, None
+        direct, self._direct = self._direct, None
         if executor is not None:
             executor.submit(lambda: None).result()  # every durable point is handed over
         if syncer is not None:
@@ -100,15 +107,18 @@ class ResultWorker:
         if executor is not None:
             executor.submit(last).result()
             executor.shutdown()
+        if direct is not None:
+            direct.close()  # after last: every file is closed, every write done
 
 
-def _store_all(batch: list[_Store]) -> None:
-    """In the worker: hash and write each chunk (hashlib and pwrite release the GIL)."""
+def _store_all(batch: list[_Store], direct: DirectWrites | None) -> None:
+    """In the worker: write (or hand over) and hash each chunk (hashlib and pwrite
+    release the GIL)."""
     for upload, index, offset, payload, last in batch:
         if upload.store_error is not None:
             continue  # the upload's bytes are already wrong; durable() says so
         try:
-            upload.files.write(index, offset, payload)
+            upload.files.write(index, offset, payload, direct)
             if last:
                 upload.files.complete(index)
         except OSError as exc:

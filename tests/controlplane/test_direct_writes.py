@@ -1,0 +1,165 @@
+"""The reference CP's result files written past the page cache (``O_DIRECT``).
+
+Bulk chunks go to the disk directly, through aligned buffers and threads of their own;
+what is not whole aligned blocks goes through the cache. These tests hold the CP to the
+promises that must not change with it: the bytes on disk are the bytes received, in any
+mix of chunk sizes and offsets; a file system that refuses direct writes still gets them;
+a direct write that fails (a full disk) fails every durable point after it, so no ack
+covers it; and a restart never takes bytes that were never written for bytes held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from agent.controlplane.directwrites import DirectWrites
+from agent.controlplane.manifest import Manifest, ResultFile
+from agent.controlplane.resultfiles import JobFiles
+from tests.helpers.env import seconds
+
+MIB = 1024 * 1024
+KIB = 1024
+
+
+def _manifest(*contents: bytes) -> Manifest:
+    return Manifest(
+        "j-1",
+        tuple(
+            ResultFile(i, f"out/f{i}.bin", len(data), hashlib.sha256(data).hexdigest())
+            for i, data in enumerate(contents)
+        ),
+    )
+
+
+@contextmanager
+def _direct() -> Iterator[DirectWrites]:
+    direct = DirectWrites()
+    try:
+        yield direct
+    finally:
+        direct.close()
+
+
+@contextmanager
+def _mounted(kind: str, target: Path, options: str = "") -> Iterator[Path]:
+    """A fresh file system of ``kind`` at ``target`` (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a file system needs root")
+    target.mkdir()
+    argv = ["mount", "-t", kind, *(["-o", options] if options else []), kind, str(target)]
+    subprocess.run(argv, check=True, capture_output=True, timeout=seconds(20))
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], check=True, timeout=seconds(20))
+
+
+def _write_in_pieces(files: JobFiles, direct: DirectWrites | None, data: list[bytes]) -> None:
+    """File 0 in every kind of piece (aligned whole MiB, aligned odd blocks, a small tail,
+    then unaligned bulk), file 1 small, file 2 in one piece over a MiB and not whole blocks."""
+    pieces_0 = (MIB, 300 * KIB, 5000, 600 * KIB, MIB)
+    offset = 0
+    for size in pieces_0:
+        files.write(0, offset, data[0][offset : offset + size], direct)
+        offset += size
+    files.complete(0)
+    files.write(1, 0, data[1], direct)
+    files.complete(1)
+    files.write(2, 0, data[2], direct)
+    files.complete(2)
+
+
+def _contents() -> list[bytes]:
+    first = MIB + 300 * KIB + 5000 + 600 * KIB + MIB
+    return [os.urandom(first), b"0123456789", os.urandom(2 * MIB + 7)]
+
+
+def test_bulk_bytes_land_byte_identical_in_any_mix_of_pieces(tmp_path: Path) -> None:
+    data = _contents()
+    manifest = _manifest(*data)
+    files = JobFiles(tmp_path, "node", "j-1")
+    files.begin(manifest)
+    with _direct() as direct:
+        _write_in_pieces(files, direct, data)
+        files.durable()
+        final = files.finish(manifest)
+    for entry, expected in zip(manifest.files, data, strict=True):
+        assert (final / entry.path).read_bytes() == expected
+
+
+def test_a_file_system_that_refuses_direct_writes_gets_the_bytes_through_the_cache(
+    tmp_path: Path,
+) -> None:
+    with _mounted("ramfs", tmp_path / "ramfs") as root:
+        probe = root / "probe"
+        probe.touch()
+        with pytest.raises(OSError) as refused:  # what the fallback is for
+            os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+        assert refused.value.errno == errno.EINVAL
+        data = _contents()
+        manifest = _manifest(*data)
+        files = JobFiles(root, "node", "j-1")
+        files.begin(manifest)
+        with _direct() as direct:
+            _write_in_pieces(files, direct, data)
+            final = files.finish(manifest)
+        for entry, expected in zip(manifest.files, data, strict=True):
+            assert (final / entry.path).read_bytes() == expected
+
+
+def test_a_direct_write_into_a_full_disk_fails_every_later_durable_point(
+    tmp_path: Path,
+) -> None:
+    with _mounted("tmpfs", tmp_path / "small", "size=2m") as root:
+        data = os.urandom(4 * MIB)
+        manifest = _manifest(data)
+        files = JobFiles(root, "node", "j-1")
+        files.begin(manifest)
+        with _direct() as direct:
+            for offset in range(0, len(data), MIB):
+                with contextlib.suppress(OSError):  # the first one is waited for, and fits
+                    files.write(0, offset, data[offset : offset + MIB], direct)
+            with pytest.raises(OSError) as first:
+                files.start_durable()()
+            assert first.value.errno == errno.ENOSPC
+            with pytest.raises(OSError) as again:  # never "durable" after a lost write
+                files.durable()
+            assert again.value.errno == errno.ENOSPC
+            # A new manifest starts afresh: the failure belonged to the bytes it forgets.
+            small = _manifest(b"abc")
+            files.begin(small)
+            files.write(0, 0, b"abc", direct)
+            files.complete(0)
+            final = files.finish(small)
+        assert (final / "out/f0.bin").read_bytes() == b"abc"
+
+
+def test_a_restart_takes_no_bytes_after_a_hole_for_bytes_held(tmp_path: Path) -> None:
+    """Two direct writes are in flight at once: when the CP stops, the later one may be
+    on the disk and the earlier one never written. The file is then as long as both,
+    with a hole; resuming after the hole would publish zeros the agent never sent."""
+    data = os.urandom(3 * MIB)
+    manifest = _manifest(data)
+    files = JobFiles(tmp_path, "node", "j-1")
+    files.begin(manifest)
+    files.write(0, 0, data[:MIB])
+    files.durable()
+    with open(files.tree / "out/f0.bin", "r+b") as handle:  # the later write, alone
+        os.pwrite(handle.fileno(), data[2 * MIB :], 2 * MIB)
+    files.close()
+
+    again = JobFiles(tmp_path, "node", "j-1")
+    assert again.held(manifest) == [MIB]
+    again.write(0, MIB, data[MIB:])
+    again.complete(0)
+    final = again.finish(manifest)
+    assert (final / "out/f0.bin").read_bytes() == data
