@@ -265,8 +265,11 @@ class JobFiles:
         return self.final_dir
 
     def close(self) -> None:
-        """Make durable and close the open partial files (their bytes stay on disk)."""
+        """Make durable and close the open partial files (their bytes stay on disk).
+        A direct write that failed is not raised again: durable points reported it."""
         try:
+            self._settle()
+            self._failed = None
             self.durable()
         finally:
             self._close_all()
@@ -312,8 +315,9 @@ class JobFiles:
         """Bytes held of each file of ``manifest`` from an earlier upload of it, or ``None``.
 
         Each partial file is synced first; one longer than its entry is cut to size, and
-        one with a hole is cut where the hole starts: a direct write queued when the CP
-        stopped can leave one before bytes that a later write put on the disk.
+        one with a hole (bytes never written, where the file system says so) is cut where
+        the hole starts. Writes reach the disk in order, so a stop leaves none; a crash of
+        the machine might, and the cut keeps ``result.resume`` from claiming them.
         """
         held = _read_json(self.partial_dir / "manifest.json")
         if held is None or held != manifest.entries():

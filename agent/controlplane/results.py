@@ -122,7 +122,10 @@ class ResultStore:
 
     def _close_files(self) -> None:
         for upload in self._uploads.values():
-            upload.files.close()
+            try:
+                upload.files.close()
+            except OSError as exc:  # its bytes were never acked; every other upload closes
+                log.error("cp.results_not_durable", job_id=upload.job_id, error=str(exc))
 
     async def _refuse(self, ctx: ResultContext, ref: str, detail: str) -> None:
         self._registry.violation(ctx.node_id, f"{ref}: answered bad_message: {detail}")

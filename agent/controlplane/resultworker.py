@@ -100,15 +100,18 @@ class ResultWorker:
         executor, self._executor = self._executor, None
         syncer, self._syncer = self._syncer, None
         direct, self._direct = self._direct, None
-        if executor is not None:
-            executor.submit(lambda: None).result()  # every durable point is handed over
-        if syncer is not None:
-            syncer.shutdown()  # and synced, before ``last``
-        if executor is not None:
-            executor.submit(last).result()
-            executor.shutdown()
-        if direct is not None:
-            direct.close()  # after last: every file is closed, every write done
+        try:
+            if executor is not None:
+                executor.submit(lambda: None).result()  # every durable point is handed over
+            if syncer is not None:
+                syncer.shutdown()  # and synced, before ``last``
+            if executor is not None:
+                executor.submit(last).result()
+        finally:
+            if executor is not None:
+                executor.shutdown()
+            if direct is not None:
+                direct.close()  # after last: every file is closed, every write done
 
 
 def _store_all(batch: list[_Store], direct: DirectWrites | None) -> None:
@@ -141,12 +144,13 @@ def _start_durable(
     sync = upload.files.start_durable()
 
     def run() -> None:
-        if upload.store_error is not None:
-            raise upload.store_error
+        failed = upload.store_error
         try:
-            sync()
+            sync()  # also when it failed already: it closes what it took
         except OSError as exc:
             upload.store_error = upload.store_error or exc
             raise
+        if failed is not None:
+            raise failed
 
     return syncer.submit(run)

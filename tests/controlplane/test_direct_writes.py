@@ -10,11 +10,13 @@ covers it; and a restart never takes bytes that were never written for bytes hel
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import hashlib
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +26,8 @@ import pytest
 from agent.controlplane.directwrites import DirectWrites
 from agent.controlplane.manifest import Manifest, ResultFile
 from agent.controlplane.resultfiles import JobFiles
+from agent.controlplane.resultworker import ResultWorker
+from agent.controlplane.upload import Upload
 from tests.helpers.env import seconds
 
 MIB = 1024 * 1024
@@ -144,9 +148,9 @@ def test_a_direct_write_into_a_full_disk_fails_every_later_durable_point(
 
 
 def test_a_restart_takes_no_bytes_after_a_hole_for_bytes_held(tmp_path: Path) -> None:
-    """Two direct writes are in flight at once: when the CP stops, the later one may be
-    on the disk and the earlier one never written. The file is then as long as both,
-    with a hole; resuming after the hole would publish zeros the agent never sent."""
+    """A partial file as long as the bytes received but with a gap never written (what
+    a crash of the machine can leave): resuming after the gap would claim bytes the CP
+    does not hold, and the file would fail its sha256 only at ``result.end``."""
     data = os.urandom(3 * MIB)
     manifest = _manifest(data)
     files = JobFiles(tmp_path, "node", "j-1")
@@ -163,3 +167,34 @@ def test_a_restart_takes_no_bytes_after_a_hole_for_bytes_held(tmp_path: Path) ->
     again.complete(0)
     final = again.finish(manifest)
     assert (final / "out/f0.bin").read_bytes() == data
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_after_a_failed_direct_write_the_worker_still_closes_everything(tmp_path: Path) -> None:
+    """Found by review: a failed direct write made every later close raise, so stopping
+    the CP raised, left its writer threads running and the upload's descriptors open,
+    and a durable point queued before the failure was known never closed what it took."""
+    with _mounted("tmpfs", tmp_path / "small", "size=2m") as root:
+        data = os.urandom(6 * MIB)
+        manifest = _manifest(data)
+        upload = Upload("node", "j-1", JobFiles(root, "node", "j-1"))
+        before = _open_descriptors()
+
+        async def main() -> None:
+            worker = ResultWorker()
+            await worker.run(upload.begin, manifest)
+            points = []
+            for offset in range(0, len(data), MIB):
+                worker.store(upload, 0, offset, data[offset : offset + MIB], False)
+                points.append(worker.durable(upload))  # several queued before any fails
+            results = await asyncio.gather(*points, return_exceptions=True)
+            assert any(isinstance(r, OSError) and r.errno == errno.ENOSPC for r in results)
+            assert isinstance(results[-1], OSError)  # never durable after a lost write
+            worker.close(lambda: upload.files.close())  # must not raise
+
+        asyncio.run(main())
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("cp-results")]
+        assert _open_descriptors() == before
