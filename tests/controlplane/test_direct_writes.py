@@ -67,37 +67,32 @@ def _mounted(kind: str, target: Path, options: str = "") -> Iterator[Path]:
         subprocess.run(["umount", str(target)], check=True, timeout=seconds(20))
 
 
-def _write_in_pieces(files: JobFiles, direct: DirectWrites | None, data: list[bytes]) -> None:
-    """File 0 in every kind of piece (aligned whole MiB, aligned odd blocks, a small tail,
-    then unaligned bulk), file 1 small, file 2 in one piece over a MiB and not whole blocks."""
-    pieces_0 = (MIB, 300 * KIB, 5000, 600 * KIB, MIB)
-    offset = 0
-    for size in pieces_0:
-        files.write(0, offset, data[0][offset : offset + size], direct)
-        offset += size
-    files.complete(0)
-    files.write(1, 0, data[1], direct)
-    files.complete(1)
-    files.write(2, 0, data[2], direct)
-    files.complete(2)
-
-
-def _contents() -> list[bytes]:
+def _publish_every_kind_of_piece(root: Path) -> None:
+    """Receive three files into ``root`` with direct writes on offer and publish them:
+    file 0 in every kind of piece (aligned whole MiB, aligned odd blocks, a small tail,
+    then unaligned bulk), file 1 small, file 2 in one piece over a MiB and not whole
+    blocks. The published files must be the bytes received."""
     first = MIB + 300 * KIB + 5000 + 600 * KIB + MIB
-    return [os.urandom(first), b"0123456789", os.urandom(2 * MIB + 7)]
-
-
-def test_bulk_bytes_land_byte_identical_in_any_mix_of_pieces(tmp_path: Path) -> None:
-    data = _contents()
+    data = [os.urandom(first), b"0123456789", os.urandom(2 * MIB + 7)]
     manifest = _manifest(*data)
-    files = JobFiles(tmp_path, "node", "j-1")
+    files = JobFiles(root, "node", "j-1")
     files.begin(manifest)
     with _direct() as direct:
-        _write_in_pieces(files, direct, data)
-        files.durable()
+        offset = 0
+        for size in (MIB, 300 * KIB, 5000, 600 * KIB, MIB):
+            files.write(0, offset, data[0][offset : offset + size], direct)
+            offset += size
+        files.complete(0)
+        for index in (1, 2):
+            files.write(index, 0, data[index], direct)
+            files.complete(index)
         final = files.finish(manifest)
     for entry, expected in zip(manifest.files, data, strict=True):
         assert (final / entry.path).read_bytes() == expected
+
+
+def test_bulk_bytes_land_byte_identical_in_any_mix_of_pieces(tmp_path: Path) -> None:
+    _publish_every_kind_of_piece(tmp_path)
 
 
 def test_a_file_system_that_refuses_direct_writes_gets_the_bytes_through_the_cache(
@@ -109,15 +104,7 @@ def test_a_file_system_that_refuses_direct_writes_gets_the_bytes_through_the_cac
         with pytest.raises(OSError) as refused:  # what the fallback is for
             os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
         assert refused.value.errno == errno.EINVAL
-        data = _contents()
-        manifest = _manifest(*data)
-        files = JobFiles(root, "node", "j-1")
-        files.begin(manifest)
-        with _direct() as direct:
-            _write_in_pieces(files, direct, data)
-            final = files.finish(manifest)
-        for entry, expected in zip(manifest.files, data, strict=True):
-            assert (final / entry.path).read_bytes() == expected
+        _publish_every_kind_of_piece(root)
 
 
 def test_a_direct_write_into_a_full_disk_fails_every_later_durable_point(
