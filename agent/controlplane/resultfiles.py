@@ -80,7 +80,7 @@ class JobFiles:
         self._in_flight: list[Future[None]] = []  # direct writes not known to be done
         self._direct_tried = False  # a direct write of these files succeeded
         self._direct_refused = False  # the file system refused O_DIRECT: never again
-        self._failed: OSError | None = None  # a failed direct write: every durable point says
+        self._failed: OSError | None = None  # a failed direct write: durable points raise it
 
     def _partial(self, index: int) -> Path:
         # manifest.parse() allowed only relative paths without "." or ".." parts.
