@@ -10,7 +10,6 @@ import shutil
 import stat
 import subprocess
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 from agent.controlplane.jobfile import JobFileError, load_job_file
 from tests.controlplane.cpcli import cp_command, running_cp
+from tests.helpers import reachable
 from tests.helpers.env import seconds
 from tests.helpers.proc import REPO
 
@@ -124,12 +124,8 @@ def test_an_invalid_job_file_exits_65_and_sends_nothing(tmp_path: Path) -> None:
 def shared_dir() -> Iterator[Path]:
     """A directory every user may enter (pytest's tmp_path is root's alone, which would
     hide the socket from other users whatever its own mode)."""
-    path = Path(tempfile.mkdtemp(prefix="cp-cli-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
+    with reachable.shared_dir("cp-cli-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def as_nobody(socket_path: Path) -> str:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import stat
 import subprocess
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import pytest
 import yaml
 
 from tests.helpers.env import seconds
+from tests.helpers.reachable import shared_dir
 
 REPO = Path(__file__).resolve().parents[2]
 NOBODY = 65534
@@ -31,12 +30,8 @@ NOBODY = 65534
 def runtime_dir() -> Iterator[Path]:
     """A directory like the unit's RuntimeDirectory= (0755), reachable by other uids (a
     test's tmp_path is 0700), with a short path (a socket path is at most 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="cbctl-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
+    with shared_dir("cbctl-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def operator_config(directory: Path, sock: Path, group: str) -> Path:

@@ -1,9 +1,10 @@
-"""A directory an unprivileged program in the review sandbox can reach.
+"""Directories other users can reach (mode 0755), removed afterwards.
 
-pytest's ``tmp_path`` is root-only, and a checkout may be too (or lie under ``/tmp``,
-which the sandbox hides behind a private tmpfs, as it hides ``/var/tmp``, ``/dev/shm``
-and ``/run``): a program the sandbox must run is copied to a fresh directory under
-``/var/lib``, removed afterwards.
+pytest's ``tmp_path`` is root-only (0700), which hides what is in it from any other
+uid. :func:`shared_dir` makes a fresh 0755 directory; :func:`reachable_dir` makes one
+under ``/var/lib`` for programs the review sandbox must run, since the sandbox hides
+``/tmp`` (and a checkout there) behind a private tmpfs, as it hides ``/var/tmp``,
+``/dev/shm`` and ``/run``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def reachable_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="cloudbender-review-test.", dir="/var/lib"))
+def shared_dir(prefix: str, parent: str = "/tmp") -> Iterator[Path]:
+    """A fresh directory under ``parent`` that every user may enter."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     path.chmod(0o755)
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def reachable_dir() -> contextlib.AbstractContextManager[Path]:
+    """A directory the review sandbox's program can reach (module doc)."""
+    return shared_dir("cloudbender-review-test.", "/var/lib")
