@@ -14,9 +14,6 @@ import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.utils import CryptographyDeprecationWarning
-
 from agent.config.models import ControlPlaneConfig
 
 WARN_WITHIN = timedelta(days=14)
@@ -27,6 +24,12 @@ _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----",
 def not_after(pem: bytes) -> list[datetime]:
     """``notAfter`` of each PEM certificate in ``pem``, in file order; certificates that
     cannot be parsed are left out. Raises nothing."""
+    # Imported here, not at the top: ``cryptography`` adds about 8 MiB to the daemon's
+    # resident memory, and most nodes name no certificate file (the idle budget is
+    # 48 MiB, docs/benchmarks.md).
+    from cryptography import x509
+    from cryptography.utils import CryptographyDeprecationWarning
+
     found = []
     for block in _PEM.finditer(pem):
         try:

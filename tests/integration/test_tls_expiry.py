@@ -4,6 +4,7 @@ expire (issue 15): a node must not go dark on the day its certificate lapses."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -71,3 +72,23 @@ def test_not_after_reads_every_certificate_of_a_real_bundle() -> None:
     ends = not_after(pem)
     assert len(ends) == pem.count(b"-----BEGIN CERTIFICATE-----")
     assert all(end.year > 2000 for end in ends)
+
+
+def test_a_node_without_certificate_files_never_loads_cryptography(tmp_path: Path) -> None:
+    """The expiry check is the only use of ``cryptography``, about 8 MiB of the daemon's
+    resident memory (the idle budget is 48 MiB): a node that names no certificate file
+    must not pay for it, in the daemon's modules or in its startup warnings."""
+    path = write_config(tmp_path, valid_config(tmp_path))
+    script = (
+        "import sys, pathlib\n"
+        "import agent.cli, agent.service, agent.daemon\n"
+        "from agent.config.loading import load_config\n"
+        "from agent.config.host_warnings import host_warnings\n"
+        f"host_warnings(load_config(pathlib.Path({str(path)!r})))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'cryptography'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
