@@ -2,14 +2,14 @@
 
 Sending a result chunk still allocates a few short-lived 1 MiB objects that the agent
 cannot avoid (websockets masks each client frame into a fresh ``bytes``, RFC 6455
-§5.3); receiving one, the reference control plane allocates a few more (asyncio's
-256 KiB reads, websockets' frame buffer and its unmasked copy). With glibc's defaults
-such a block is freed back to the kernel (``brk`` shrink or ``munmap``) and the next
-one faults its 256 pages in again: profiled at about half of the agent's event-loop
-time while streaming 1 GiB. Raising the mmap and trim thresholds keeps those blocks in
-the heap for reuse; both processes call :func:`keep_freed_blocks` once. The cost is
-bounded: at most :data:`TRIM_THRESHOLD` bytes of free heap stay resident (the bench's
-RSS growth goal is under 32 MiB).
+§5.3); receiving one, the reference control plane allocates a few more (its socket
+reads of up to 1 MiB + 64 KiB, websockets' frame buffer and its unmasked copy). With
+glibc's defaults such a block is freed back to the kernel (``brk`` shrink or
+``munmap``) and the next one faults its 256 pages in again: profiled at about half
+of the agent's event-loop time while streaming 1 GiB. Raising the mmap and trim
+thresholds keeps those blocks in the heap for reuse; both processes call
+:func:`keep_freed_blocks` once. The cost is bounded: at most :data:`TRIM_THRESHOLD`
+bytes of free heap stay resident (the bench's RSS growth goal is under 32 MiB).
 
 A no-op where the C library has no ``mallopt`` (musl, macOS): nothing is wrong there,
 only slower.

@@ -56,7 +56,7 @@ class AuthedConnection(ServerConnection):
         # ``max_size``). websockets appends each read to its buffer, which grows and
         # is copied several times before a 1 MiB chunk can be sliced out of it: for a
         # 1 GiB upload, reads of a whole frame cut this loop's CPU time by about a
-        # sixth (docs/benchmarks.md). A TLS transport has no such attribute and reads
+        # sixth (docs/results.md, §6). A TLS transport has no such attribute and reads
         # its own way; it is left as it is.
         if isinstance(getattr(transport, "max_size", None), int):
             transport.max_size = READ_BYTES  # type: ignore[attr-defined]

@@ -142,9 +142,10 @@ class ControlPlane(ControlPlaneAPI):
         """Listen. Idempotent. Raises ``OSError`` when the port cannot be bound."""
         if self._server is not None:
             return
-        # Each received MiB passes through a few short-lived blocks (asyncio's 256 KiB
-        # reads, websockets' frame buffer and unmasked copy): keep them for reuse rather
-        # than faulting fresh pages in for each (agent/heap.py).
+        # Each received MiB passes through a few short-lived blocks (the socket's reads,
+        # a whole frame each: see AuthedConnection; websockets' frame buffer and unmasked
+        # copy): keep them for reuse rather than faulting fresh pages in for each
+        # (agent/heap.py).
         keep_freed_blocks()
         self._server = await serve(
             self._handle,
