@@ -1,4 +1,11 @@
-"""50 agents whose control plane is down spread their reconnects over the backoff window."""
+"""50 agents whose control plane is down spread their reconnects over the backoff window.
+
+The spread is judged on the delays the agents chose (``backoff_s`` of the state each
+publishes when a dial fails), not on the intervals between their dials: on a loaded
+machine the event loop of 50 connections runs late, which lengthens every interval and
+piles them up at the end of the window although the choices were spread. That each
+agent then waited its chosen delay is checked too; lateness only lengthens a wait.
+"""
 
 from __future__ import annotations
 
@@ -28,11 +35,15 @@ def test_first_reconnects_spread_over_the_window(tmp_path: Path) -> None:
     assert config.control_plane is not None
     cp = config.control_plane
     attempts: dict[int, list[float]] = {i: [] for i in range(AGENTS)}
+    # (when, backoff_s) of each failed dial's state, in order.
+    backoffs: dict[int, list[tuple[float, float]]] = {i: [] for i in range(AGENTS)}
 
     def recorder(i: int) -> Any:
         def publish(facts: ControlPlaneFacts) -> None:
             if facts.state == "connecting":
                 attempts[i].append(time.monotonic())
+            elif facts.backoff_s is not None and len(backoffs[i]) < len(attempts[i]):
+                backoffs[i].append((time.monotonic(), facts.backoff_s))
 
         return publish
 
@@ -60,13 +71,20 @@ def test_first_reconnects_spread_over_the_window(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert all(len(a) >= 2 for a in attempts.values()), "every agent should have retried"
-    first_retry = [a[1] - a[0] for a in attempts.values()]
+    assert all(b for b in backoffs.values()), "every failed dial should publish its delay"
+    chosen = [backoffs[i][0][1] for i in range(AGENTS)]
+    for i in range(AGENTS):
+        failed_at, delay = backoffs[i][0]
+        # asyncio may wake a timer up to its clock resolution early: 10 ms of slack.
+        assert attempts[i][1] - failed_at >= delay - 0.01, f"agent {i} retried early"
     # Full jitter: the first retry waits uniformly in [0, initial_s). With 50 agents a
     # herd would put them all at one instant; spread means they cover the window.
-    assert max(first_retry) < INITIAL_S + seconds(0.5)
-    assert max(first_retry) - min(first_retry) > 0.6 * INITIAL_S
-    assert statistics.pstdev(first_retry) > 0.15 * INITIAL_S
+    assert all(0 <= d < INITIAL_S for d in chosen), chosen
+    assert max(chosen) - min(chosen) > 0.6 * INITIAL_S
+    assert statistics.pstdev(chosen) > 0.15 * INITIAL_S
     buckets = [0] * 10
-    for delay in first_retry:
-        buckets[min(int(delay / INITIAL_S * 10), 9)] += 1
-    assert max(buckets) <= 15, f"too many agents retried together: {buckets}"
+    for delay in chosen:
+        buckets[int(delay / INITIAL_S * 10)] += 1
+    # 5 a tenth on average; more than 20 in one tenth has odds of about 1e-9 when the
+    # choices are uniform, and a herd would put all 50 there.
+    assert max(buckets) <= 20, f"too many agents retried together: {buckets}"
