@@ -195,10 +195,27 @@ class OutputVolumes:
     def create(self, job_id: str, max_bytes: int, max_files: int) -> Path:
         """An empty, mounted output of the job's cap; its mount point. Idempotent only in
         that a leftover of an earlier attempt is removed first."""
+        self.prepare(job_id)
+        return self.make(job_id, max_bytes, max_files)
+
+    def prepare(self, job_id: str) -> Path:
+        """The job's empty mount point, nothing mounted on it yet (a leftover of an
+        earlier attempt removed first); :meth:`make` mounts the file system there. A
+        container may be created with it as a bind source meanwhile, but must not start
+        before :meth:`make` returned: until then the directory is on the node's disk."""
         self.remove(job_id)
         job_dir = self.job_dir(job_id)
         self.jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         job_dir.mkdir(mode=0o700)
+        target = job_dir / MOUNT_NAME
+        target.mkdir(mode=0o700)
+        return target
+
+    def make(self, job_id: str, max_bytes: int, max_files: int) -> Path:
+        """The job's output file system of its cap, made and mounted on the mount point
+        :meth:`prepare` made; the mount point. On failure everything of the job's output
+        is removed."""
+        job_dir = self.job_dir(job_id)
         image, target = job_dir / IMAGE_NAME, job_dir / MOUNT_NAME
         size = image_size(max_bytes, max_files)
         try:
@@ -226,7 +243,6 @@ class OutputVolumes:
                 ],
                 "making a job's output file system",
             )
-            target.mkdir(mode=0o700)
             self._mounter.mount(image, target)
             # mkfs makes lost+found (root's); the job's output starts empty.
             with contextlib.suppress(FileNotFoundError):
