@@ -192,12 +192,6 @@ class OutputVolumes:
     def mount_point(self, job_id: str) -> Path:
         return self.job_dir(job_id) / MOUNT_NAME
 
-    def create(self, job_id: str, max_bytes: int, max_files: int) -> Path:
-        """An empty, mounted output of the job's cap; its mount point. Idempotent only in
-        that a leftover of an earlier attempt is removed first."""
-        self.prepare(job_id)
-        return self.make(job_id, max_bytes, max_files)
-
     def prepare(self, job_id: str) -> Path:
         """The job's empty mount point, nothing mounted on it yet (a leftover of an
         earlier attempt removed first); :meth:`make` mounts the file system there. A

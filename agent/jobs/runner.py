@@ -163,13 +163,19 @@ class JobRunner:
         try:
             spec = self._spec(image_id, model_dir, output)
             self.container_id = await asyncio.to_thread(self._ctx.runtime.create, spec)
-        except ContainerCreateError as exc:
-            log.error("container_create_failed", job_id=self.job_id, error=str(exc))
-            raise JobEnded(State.FAILED, "container_error") from exc
-        finally:
-            # Always awaited, its error first: the clean-up that follows an error must
-            # not race the thread that is still making the file system.
-            await made
+        except BaseException as exc:
+            # The clean-up that follows must not race the thread still making the file
+            # system; and what ends the job (or a shutdown's cancellation, which leaves
+            # the job to the next start) is this error, not a failure of the file system.
+            try:
+                await made
+            except AgentError as failed:
+                log.error("output_fs_failed", job_id=self.job_id, error=str(failed))
+            if isinstance(exc, ContainerCreateError):
+                log.error("container_create_failed", job_id=self.job_id, error=str(exc))
+                raise JobEnded(State.FAILED, "container_error") from exc
+            raise
+        await made  # its error ends the job; the clean-up removes the created container
         if self.cancel_requested.is_set():
             raise JobEnded(State.CANCELLED, self.cancel_reason)
         try:

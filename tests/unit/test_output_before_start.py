@@ -98,3 +98,52 @@ def test_a_failed_mount_after_the_create_ends_the_job_and_removes_its_container(
             assert not (f.state_dir / "jobs" / "j-1").exists()
 
     asyncio.run(main())
+
+
+class SlowCreate(FakeRuntime):
+    """The fake runtime, whose create waits for the test (an engine slow to answer)."""
+
+    def __init__(self, engine: FakeEngine) -> None:
+        super().__init__(engine)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def create(self, spec: ContainerSpec) -> str:
+        self.entered.set()
+        assert self.go.wait(seconds(10))
+        return super().create(spec)
+
+
+class FailingMount:
+    def mount(self, image: Path, target: Path) -> None:
+        raise OutputFsError("mounting a job's output: no loop device left")
+
+    def unmount(self, target: Path) -> None:
+        pass
+
+
+def test_a_shutdown_during_the_create_leaves_the_job_to_the_next_start(tmp_path: Path) -> None:
+    """The agent stops while the engine creates a container and the output's mount fails
+    meanwhile: the mount's error must not turn the shutdown into a failed job. The job
+    keeps its state for the next start, which makes its output again."""
+
+    async def main() -> None:
+        async with fake_jobs(tmp_path) as f:
+            runtime = SlowCreate(f.engine)
+            f.system.ctx.runtime = runtime
+            f.system.ctx.outputs = OutputVolumes(
+                f.state_dir / "jobs", f.config.runtime.job_user, FailingMount()
+            )
+            await f.assign("j-1")
+            assert await asyncio.to_thread(runtime.entered.wait, seconds(10))
+            (task,) = [t for t in asyncio.all_tasks() if t.get_name() == "job-j-1"]
+            task.cancel()  # what the daemon's shutdown does to every runner
+            done, _ = await asyncio.wait({task}, timeout=seconds(10))
+            runtime.go.set()
+            assert done == {task}
+            assert task.cancelled(), "the runner ended the job instead of leaving it"
+            assert f.link.states("j-1") == ["accepted", "preparing"]
+            stored = f.system.store.get("j-1")
+            assert stored is not None and stored.state.value == "preparing"
+
+    asyncio.run(main())

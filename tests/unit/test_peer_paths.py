@@ -112,7 +112,8 @@ def test_job_outputs_never_leave_their_root(world: Path, name: str) -> None:
     before = snapshot(world)
     outputs = OutputVolumes(world / "state" / "jobs", "65534:65534")
     for call in (
-        lambda: outputs.create(name, 1024, 1),
+        lambda: outputs.prepare(name),
+        lambda: outputs.make(name, 1024, 1),
         lambda: outputs.ensure_mounted(name),
         lambda: outputs.usage(name),
         lambda: outputs.remove(name),
