@@ -43,8 +43,11 @@ from typing import Any
 from agent.errors import AgentError
 from agent.escaping import escape
 from agent.faults import crash_point
+from agent.fsutil import start_writeback
 
 COPY_BLOCK = 1024 * 1024
+# The spool's writeback is started every this many bytes (agent.fsutil.start_writeback).
+WRITEBACK_EVERY = 8 * 1024 * 1024
 MAX_DEPTH = 64
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -271,6 +274,8 @@ class _Packer:
         self._fd = fd
         self._view = memoryview(bytearray(COPY_BLOCK))
         self._used = 0
+        self._written = 0  # bytes written to the spool file
+        self._pushed = 0  # of which writeback was started
 
     def append(self, src: int, digest: Any) -> int:
         """Read ``src`` to its end into the spool file, feeding ``digest``; bytes read."""
@@ -290,7 +295,14 @@ class _Packer:
         data = self._view[: self._used]
         while data:
             data = data[os.write(self._fd, data) :]
+        self._written += self._used
         self._used = 0
+        # The disk writes the spool while the next pieces are read and hashed, rather
+        # than all of it in the final fdatasync: for 1 GiB on the development VM that
+        # sync went from 0.35 s to nothing (docs/results.md §6).
+        if self._written - self._pushed >= WRITEBACK_EVERY:
+            start_writeback(self._fd, self._pushed, self._written - self._pushed)
+            self._pushed = self._written
 
 
 def _copy_hashing(parent: int, name: str, size: int, rel: str, packer: _Packer) -> str:
