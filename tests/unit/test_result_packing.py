@@ -29,7 +29,8 @@ MIB = 1024 * 1024
 
 
 class _Receiver:
-    """A control plane that keeps every chunk's bytes by file and accepts at the end."""
+    """A control plane that keeps every chunk's bytes by file, acknowledges each chunk
+    (§5: the agent keeps at most 16 MiB unacknowledged) and accepts at the end."""
 
     def __init__(self, uploader: Uploader, files: int) -> None:
         self.uploader = uploader
@@ -48,9 +49,13 @@ class _Receiver:
     async def send_frame(self, type_: str, frame: bytes | memoryview) -> None:
         sent = decode_binary(bytes(frame))  # a copy: the uploader reuses its buffer
         assert sent.type == type_ == "result.chunk"
-        got = self.got[sent.header["file"]]
+        index = sent.header["file"]
+        got = self.got[index]
         assert sent.header["offset"] == len(got)
         got += sent.payload
+        job = sent.header["job_id"]
+        ack = messages.ResultAck(type="result.ack", job_id=job, file=index, offset=len(got))
+        asyncio.get_running_loop().call_soon(self.uploader.route, ack)
 
 
 def _deliver(spool: Spool, manifest: Manifest) -> list[bytes]:
@@ -90,6 +95,38 @@ def test_each_file_leaves_with_its_own_bytes_from_the_packed_spool(tmp_path: Pat
     for f, data in zip(manifest.files, got, strict=True):
         assert data == originals[f.path], f.path
         assert f.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_a_large_output_spooled_with_writeback_started_midway_leaves_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Speed without loss: the copy starts the disk's writeback of what it wrote every
+    8 MiB while it reads and hashes on. The ranges must cover the spool file in order,
+    once each, and every file must still leave with its own bytes."""
+    from agent.results import scan
+
+    started: list[tuple[int, int]] = []
+    real = scan.start_writeback
+
+    def spy(fd: int, offset: int, length: int) -> None:
+        started.append((offset, length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(scan, "start_writeback", spy)
+    out = tmp_path / "out"
+    out.mkdir()
+    sizes = {"a.bin": 9 * MIB + 5, "b.bin": 1, "c.bin": 12 * MIB - 7}
+    originals = {path: os.urandom(size) for path, size in sizes.items()}
+    for path, data in originals.items():
+        (out / path).write_bytes(data)
+    spool = Spool(tmp_path / "spool")
+    manifest = spool.store("job-1", out, 64 * MIB, 100)
+    assert len(started) == 2, started  # 21 MiB: after 8 and after 16
+    assert [offset for offset, _ in started] == [0, sum(started[0])]
+    assert sum(length for _, length in started) <= manifest.total_bytes
+    got = _deliver(spool, manifest)
+    for f, data in zip(manifest.files, got, strict=True):
+        assert data == originals[f.path], f.path
 
 
 def test_an_entry_an_earlier_agent_spooled_file_by_file_is_still_sent(tmp_path: Path) -> None:
