@@ -129,11 +129,12 @@ class DirectMounter:
 class SystemdMounter:
     def mount(self, image: Path, target: Path) -> None:
         # systemd-mount sets up the loop device itself for a regular file, and PID 1
-        # mounts it in the host's namespace, from where it propagates into ours.
+        # mounts it in the host's namespace, from where it propagates into ours. The
+        # mount is a job of PID 1's queue: without --no-block (which only a udev rule
+        # needs) the command returns once that job is done, so the check below sees it.
         _run(
             [
                 "systemd-mount",
-                "--no-block",
                 "--collect",
                 "--type=ext4",
                 f"--options={MOUNT_OPTIONS}",
